@@ -1,0 +1,176 @@
+"""Service configuration: one pydantic-settings class, every field from a ``RELU_SERVE_`` variable.
+
+``RELU_SERVE_MAX_BATCH_SIZE=32`` sets ``max_batch_size``. Lists take JSON (``["cuda", "cpu"]``)
+or a comma-separated string (``cuda,cpu``); ``model_providers`` takes JSON
+(``{"digits": ["cpu"]}``). ``load_settings()`` turns a bad value into a ``SettingsError`` whose
+message names the variable, so a misconfigured container stops at start-up and says why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsError as PydanticSettingsError
+
+ENV_PREFIX = "RELU_SERVE_"
+# The repository's own models/ folder: the default model ships there (Triton's layout).
+DEFAULT_MODEL_ROOT = Path(__file__).resolve().parent.parent / "models"
+
+
+def _default_threads() -> int:
+    """CPUs this process may really use (cgroup quota and affinity), from the runtime module."""
+    try:
+        from service.runtime import available_cpus
+    except ImportError:  # pragma: no cover - only while service/runtime.py does not exist
+        return max(1, len(os.sched_getaffinity(0)))
+    return available_cpus()
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names the environment variable."""
+
+
+class ServiceSettings(BaseSettings):
+    """Everything the service reads from its environment, validated once at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        case_sensitive=False,
+        extra="ignore",
+        validate_default=True,
+        use_attribute_docstrings=True,  # the docstring under each field is its description
+    )
+
+    model_root: Path = DEFAULT_MODEL_ROOT
+    """Folder of the model repository, laid out as ``<name>/<version>/model.onnx``."""
+
+    providers: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["cpu"])
+    """onnxruntime execution providers in order of preference: short names (``cpu``, ``cuda``,
+    ``tensorrt``) or onnxruntime's own (``CUDAExecutionProvider``)."""
+
+    strict_providers: bool = False
+    """Refuse to start when a requested provider is unavailable, instead of falling back to
+    the CPU (the fall-back is always logged, reported in metadata and counted in metrics)."""
+
+    model_providers: dict[str, list[str]] = Field(default_factory=dict)
+    """Per-model override of ``providers`` as JSON, e.g. ``{"digits": ["cpu"]}``."""
+
+    intra_op_threads: int = Field(default_factory=_default_threads, ge=1)
+    """onnxruntime intra-op threads per session; defaults to the CPUs the container really has
+    (cgroup CPU quota and affinity, not the host's core count)."""
+
+    inference_workers: int = Field(default=1, ge=1, le=64)
+    """Threads that run model sessions off the event loop. One run already uses
+    ``intra_op_threads`` cores, so more workers mostly add contention on small machines."""
+
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    """Largest request body accepted, in bytes; larger ones get 413."""
+
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1)
+    """Largest image accepted, in pixels (width x height), checked before decoding; larger
+    ones get 413. Also sets ``PIL.Image.MAX_IMAGE_PIXELS`` against decompression bombs."""
+
+    max_batch_size: int = Field(default=64, ge=1)
+    """Most images or tensor rows in one request; more get 413."""
+
+    max_top_k: int = Field(default=100, ge=1)
+    """Upper bound of ``top_k`` in predict requests (also capped by the number of labels)."""
+
+    monitor_window: int = Field(default=512, ge=1)
+    """Samples in each model's rolling activation window; dead units are reported only once
+    the window is full."""
+
+    drift_threshold: float = Field(default=0.1, gt=0.0)
+    """Drift score above which a layer is flagged as drifted from its reference profile."""
+
+    monitor_sampling: Literal["requested"] | float = "requested"
+    """How live traffic feeds the activation monitor. ``requested`` (default): only requests
+    that ask for statistics, so a request that does not ask pays nothing for them, as the
+    spec promises. A number in [0, 1]: that fraction of all requests also runs the
+    statistics session (~1.35x a plain run) to feed the monitor, whatever they asked."""
+
+    request_timeout_s: float = Field(default=30.0, gt=0.0)
+    """Longest time one inference may take, queueing included; later ones get 503."""
+
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    """Logging level of the ``service`` loggers and uvicorn."""
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _split_providers(cls, value: Any) -> Any:
+        """Accept a JSON list or a comma-separated string."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("providers")
+    @classmethod
+    def _check_providers(cls, value: list[str]) -> list[str]:
+        if not value or any(not name.strip() for name in value):
+            raise ValueError("needs at least one provider name, e.g. cpu or cuda,cpu")
+        return [name.strip() for name in value]
+
+    @field_validator("model_providers")
+    @classmethod
+    def _check_model_providers(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for model, providers in value.items():
+            if not providers:
+                raise ValueError(f"model {model!r} needs at least one provider name")
+        return value
+
+    @field_validator("monitor_sampling", mode="before")
+    @classmethod
+    def _parse_sampling(cls, value: Any) -> Any:
+        """``requested`` or a fraction in [0, 1]: one clear message for anything else."""
+        if isinstance(value, str) and value.strip().lower() == "requested":
+            return "requested"
+        try:
+            fraction = float(value)
+        except (TypeError, ValueError):
+            raise ValueError("must be 'requested' or a fraction between 0 and 1") from None
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError("must be 'requested' or a fraction between 0 and 1")
+        return fraction
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_log_level(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    def providers_for(self, model: str) -> list[str]:
+        """The providers requested for ``model``: its override, or the service default."""
+        return self.model_providers.get(model, self.providers)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """One line for one pydantic error, naming the environment variable and the bad value."""
+    field = str(error["loc"][0]) if error["loc"] else "?"
+    where = f"{ENV_PREFIX}{field.upper()} ({field})"
+    value = error.get("input")
+    shown = "" if isinstance(value, dict) and error["type"] == "missing" else f" (got {value!r})"
+    return f"invalid setting {where}: {error['msg']}{shown}"
+
+
+def load_settings(**overrides: Any) -> ServiceSettings:
+    """Read settings from the environment (``overrides`` win); raise ``SettingsError`` naming
+    every bad variable."""
+    try:
+        return ServiceSettings(**overrides)
+    except ValidationError as exc:
+        raise SettingsError("; ".join(_describe(e) for e in exc.errors())) from None
+    except PydanticSettingsError as exc:  # a variable that is not valid JSON for its type
+        match = re.search(r'field "(\w+)"', str(exc))
+        field = match.group(1) if match else "?"
+        raise SettingsError(
+            f"invalid setting {ENV_PREFIX}{field.upper()} ({field}): not valid JSON for this "
+            f'setting, e.g. {ENV_PREFIX}MODEL_PROVIDERS=\'{{"digits": ["cpu"]}}\''
+        ) from None
