@@ -109,7 +109,7 @@ def create_model(
 
 
 def initialize(model: nn.Module, init: str, spec: ActivationSpec) -> None:
-    """He (Kaiming) or Xavier initialisation of conv and linear weights; 'default' keeps PyTorch's."""
+    """He or Xavier initialisation of conv and linear weights; 'default' keeps PyTorch's."""
     if init == "default":
         return
     for module in model.modules():
@@ -257,9 +257,10 @@ class BasicBlock(nn.Module):
         self.act2 = act.make(c_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = self.shortcut(x)  # first, so conv2 is the last layer before act2
         out = self.act1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.act2(out + self.shortcut(x))
+        return self.act2(out + identity)
 
 
 @dataclass
@@ -299,7 +300,9 @@ class CifarResNet(nn.Module):
 @register_model
 def resnet20(act, in_channels, num_classes, image_size, batch_norm, **kwargs) -> nn.Module:
     """ResNet-20 for CIFAR-sized images: 19 activation layers."""
-    return CifarResNet(act, in_channels, num_classes, image_size, batch_norm, ResNetConfig(**kwargs))
+    return CifarResNet(
+        act, in_channels, num_classes, image_size, batch_norm, ResNetConfig(**kwargs)
+    )
 
 
 def count_parameters(model: nn.Module) -> int:
