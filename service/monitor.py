@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
 from typing import Protocol
 
 import numpy as np
@@ -33,42 +32,6 @@ DEFAULT_DRIFT_THRESHOLD = 0.1
 class _Layer(Protocol):
     name: str
     channels: int
-
-
-@dataclass
-class LayerMonitorSnapshot:
-    """Rolling statistics of one layer."""
-
-    name: str
-    channels: int
-    samples_seen: int
-    window_samples: int
-    window_full: bool
-    inactive_fraction: float | None
-    channel_activity: list[float]
-    dead_units: int | None  # None until the window is full
-    dead_channels: list[int] | None
-    drift: float | None  # None without a reference for this layer or without samples
-    drifted: bool
-    reference_inactive_fraction: float | None
-
-
-@dataclass
-class MonitorSnapshot:
-    """Rolling statistics of every layer of one model."""
-
-    window: int
-    samples_seen: int
-    window_full: bool
-    drift: float | None
-    drift_threshold: float
-    drifted: bool
-    has_reference: bool
-    layers: list[LayerMonitorSnapshot]
-
-    def to_dict(self) -> dict:
-        """Plain JSON-ready form."""
-        return asdict(self)
 
 
 class _Ring:
@@ -156,7 +119,7 @@ class ActivationMonitor:
         with self._lock:
             self._rings = {name: _Ring(self.window, c) for name, c in self._channels.items()}
 
-    def _layer_snapshot(self, name: str, ring: _Ring) -> LayerMonitorSnapshot:
+    def _layer_snapshot(self, name: str, ring: _Ring) -> dict:
         rows = ring.valid()  # (n, C), n <= window
         full = ring.seen >= self.window
         if rows.shape[0]:
@@ -165,6 +128,7 @@ class ActivationMonitor:
         else:
             activity = np.zeros(self._channels[name])
             inactive = None
+        # Dead: no activity in any of the last `window` samples; not claimed on fewer.
         dead = np.flatnonzero(rows.max(axis=0) <= 0) if full else None
         reference = self._reference_rates.get(name)
         drift = None
@@ -173,34 +137,44 @@ class ActivationMonitor:
         ref_inactive = None
         if self.reference is not None and name in self.reference.layers:
             ref_inactive = self.reference.layers[name].inactive_fraction
-        return LayerMonitorSnapshot(
-            name=name,
-            channels=self._channels[name],
-            samples_seen=ring.seen,
-            window_samples=int(rows.shape[0]),
-            window_full=full,
-            inactive_fraction=inactive,
-            channel_activity=activity.tolist(),
-            dead_units=None if dead is None else int(dead.size),
-            dead_channels=None if dead is None else dead.tolist(),
-            drift=drift,
-            drifted=bool(full and drift is not None and drift > self.drift_threshold),
-            reference_inactive_fraction=ref_inactive,
-        )
+        return {
+            "name": name,
+            "channels": self._channels[name],
+            "samples_seen": ring.seen,
+            "samples": int(rows.shape[0]),
+            "window_full": full,
+            "inactive_fraction": inactive,
+            "channel_activity": activity.tolist(),
+            "dead_units": None if dead is None else int(dead.size),
+            "dead_channels": None if dead is None else dead.tolist(),
+            "drift": drift,
+            "drifted": bool(full and drift is not None and drift > self.drift_threshold),
+            "reference_inactive_fraction": ref_inactive,
+        }
 
-    def snapshot(self) -> MonitorSnapshot:
-        """Rolling statistics of every layer and the model's drift (max over layers)."""
+    def snapshot(self) -> dict:
+        """Rolling statistics, JSON-ready.
+
+        Keys: ``window`` (size), ``samples`` (samples in the window now), ``samples_seen``
+        (since start or reset), ``window_full``, ``drift`` (max over layers, None without a
+        reference), ``drift_threshold``, ``drifted``, ``has_reference``, and ``layers``: per
+        layer ``name``, ``channels``, ``samples_seen``, ``samples``, ``window_full``,
+        ``inactive_fraction``, ``channel_activity`` (C rates), ``dead_units`` and
+        ``dead_channels`` (None until the window is full), ``drift``, ``drifted``,
+        ``reference_inactive_fraction``.
+        """
         with self._lock:
             layers = [self._layer_snapshot(name, ring) for name, ring in self._rings.items()]
-        drifts = [layer.drift for layer in layers if layer.drift is not None]
-        seen = min((layer.samples_seen for layer in layers), default=0)
-        return MonitorSnapshot(
-            window=self.window,
-            samples_seen=seen,
-            window_full=seen >= self.window,
-            drift=max(drifts) if drifts else None,
-            drift_threshold=self.drift_threshold,
-            drifted=any(layer.drifted for layer in layers),
-            has_reference=bool(self._reference_rates),
-            layers=layers,
-        )
+        drifts = [layer["drift"] for layer in layers if layer["drift"] is not None]
+        seen = min((layer["samples_seen"] for layer in layers), default=0)
+        return {
+            "window": self.window,
+            "samples": min(seen, self.window),
+            "samples_seen": seen,
+            "window_full": seen >= self.window,
+            "drift": max(drifts) if drifts else None,
+            "drift_threshold": self.drift_threshold,
+            "drifted": any(layer["drifted"] for layer in layers),
+            "has_reference": bool(self._reference_rates),
+            "layers": layers,
+        }
