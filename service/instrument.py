@@ -354,7 +354,7 @@ class LayerStats:
     dead_units: int  # channels with no active element in any sample and position
     dead_channels: list[int]
     mean: float
-    std: float
+    std: float | None  # None if y*y overflowed float32 in the graph (|y| > 1.8e19)
     min: float | None  # None only if neither structural nor measurable (see LoadedModel)
     max: float
     saturated_fraction: float | None = None  # sigmoid and tanh only
@@ -437,7 +437,7 @@ def summarize_layer(
         dead_units=int(dead.size),
         dead_channels=dead.tolist(),
         mean=mean,
-        std=float(np.sqrt(var)),
+        std=float(np.sqrt(var)) if np.isfinite(var) else None,
         min=None if batch_min is None else float(batch_min),
         max=float(channel_max.max()),
         saturated_fraction=saturated,

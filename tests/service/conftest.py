@@ -266,12 +266,14 @@ def save_model(model: onnx.ModelProto, path: Path) -> Path:
 
 
 def run_with_activations(
-    model: onnx.ModelProto, x: np.ndarray, tensors: list[str]
+    model: onnx.ModelProto, x: np.ndarray, tensors: list[str], *, optimize: bool = True
 ) -> dict[str, np.ndarray]:
     """Run a copy of ``model`` with ``tensors`` added as graph outputs; returns all outputs.
 
-    Optimizations are off so onnxruntime cannot fuse an activation into its Conv (the
-    tensor must exist to be fetched) nor reformulate it: these are the raw numbers.
+    With ``optimize`` (the default) onnxruntime optimizes the graph as the service does, so
+    the activations come from the same kernels (Conv fused with its activation, NCHWc) and
+    differ from the service's only where the statistics differ; unoptimized kernels sum in
+    another order and move values by an ulp.
     """
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
@@ -280,7 +282,12 @@ def run_with_activations(
         if name not in existing:
             copy.graph.output.append(helper.make_empty_tensor_value_info(name))
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     session = ort.InferenceSession(
         copy.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
