@@ -44,6 +44,10 @@ class Preprocessing(BaseModel):
     std: list[float]
     invert: bool = False
     resize: Literal["bilinear", "nearest", "bicubic", "box"] = "bilinear"
+    # The background of the training images where it is uniform (digits and MNIST: "dark",
+    # light ink on black). An uploaded image whose border is the other way round (a dark
+    # digit on white paper) is inverted before normalising. None: never inverted.
+    background: Literal["dark", "light"] | None = None
 
     @model_validator(mode="after")
     def _check_lengths(self) -> Preprocessing:

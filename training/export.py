@@ -95,6 +95,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a served model must be readable
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -294,6 +295,15 @@ def set_metadata(proto: onnx.ModelProto, meta: ModelMetadata) -> None:
     )
 
 
+def image_background(x: torch.Tensor) -> str | None:
+    """ "dark" or "light" when the border pixels of the images (N, C, H, W) in [0, 1] agree."""
+    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1)
+    level = border.mean().item()
+    if level < 0.2:
+        return "dark"
+    return "light" if level > 0.8 else None
+
+
 def export_checkpoint(
     source: str | Path,
     *,
@@ -348,7 +358,12 @@ def export_trained(
         val_y=bundle.val_y,
         labels=bundle.labels,
         preprocessing=Preprocessing(
-            height=h, width=w, channels=bundle.channels, mean=mean, std=std
+            height=h,
+            width=w,
+            channels=bundle.channels,
+            mean=mean,
+            std=std,
+            background=image_background(bundle.train_x),
         ),
         architecture=cfg.arch,
         activation=cfg.activation,

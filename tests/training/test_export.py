@@ -38,6 +38,7 @@ def test_exported_file_is_self_describing_and_matches_pytorch(exported, trained_
     assert meta.labels == [str(i) for i in range(10)]
     assert meta.preprocessing.height == 8
     assert meta.preprocessing.channels == 1
+    assert meta.preprocessing.background == "dark"  # digits: light ink on black
     mean, std = trained_run.bundle.mean_std()
     assert meta.preprocessing.mean == pytest.approx(mean)
     assert [layer.kind for layer in meta.activations] == ["relu"] * 5
