@@ -1,6 +1,6 @@
 """Training time per epoch: digits (8x8) and 28x28 MNIST-format data, small CNN.
 
-    python bench/bench_train.py [--idx DIR] [--epochs 3] [--repeats 3] [--out bench/results/train.json]
+    python bench/bench_train.py [--idx DIR] [--epochs 3] [--repeats 3] [--out FILE.json]
 
 Without --idx, the 28x28 case uses a stand-in: IDX files of scikit-learn's digits upscaled to
 28x28 and randomly shifted, 8,000 to train and 2,000 held out, the sizes of the issue's
