@@ -143,3 +143,47 @@ def test_help_lists_the_subcommands():
     )
     for command in ("train", "compare", "export", "download"):
         assert command in done.stdout
+
+
+@pytest.mark.slow
+def test_28x28_idx_files_train_and_export(tmp_path):
+    import onnx
+
+    from service.metadata import ModelMetadata
+
+    rng = np.random.default_rng(1)
+    data = tmp_path / "idx"
+    data.mkdir()
+    labels = np.arange(300, dtype=np.uint8) % 10
+    images = np.zeros((300, 28, 28), dtype=np.uint8)
+    for i, label in enumerate(labels):  # a bright bar whose height is the class (no shifts)
+        images[i, 4 + 2 * label : 6 + 2 * label, 4:24] = 255
+    images = np.maximum(images, rng.integers(0, 40, images.shape, dtype=np.uint8))
+    for prefix, part in (("train", slice(0, 240)), ("t10k", slice(240, 300))):
+        write_idx(data / f"{prefix}-images-idx3-ubyte.gz", images[part])
+        write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", labels[part])
+    models = tmp_path / "models"
+    args = [
+        "train",
+        "--data",
+        "idx",
+        "--data-path",
+        str(data),
+        "--epochs",
+        "4",
+        "--no-augment",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "runs"),
+        "--export",
+        "bars",
+        "--model-root",
+        str(models),
+    ]
+    assert main(args) == 0
+    proto = onnx.load(str(models / "bars" / "1" / "model.onnx"))
+    meta = ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props})
+    assert (meta.preprocessing.height, meta.preprocessing.width) == (28, 28)
+    assert meta.training["held_out"].startswith("test files")
+    assert meta.training["held_out_samples"] == 60
+    assert meta.training["onnx_accuracy"] > 0.9
