@@ -1,0 +1,67 @@
+"""The app factory: wires settings, the data plane, routers, middleware and error handlers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.dataplane import DataPlane
+from service.errors import BASE_EXCEPTION_HANDLERS, handle_model_input, handle_model_not_found
+from service.images import configure_pillow
+from service.logs import configure_logging
+from service.metrics import ServiceMetrics
+from service.middleware import BodyLimitMiddleware, MetricsMiddleware
+from service.model import ModelInputError
+from service.repository import ModelNotFoundError
+from service.routes import health, metrics, v1, v2
+from service.settings import ServiceSettings, load_settings
+
+TAGS = [
+    {"name": "models", "description": "Models in the repository and their metadata."},
+    {"name": "predict", "description": "Top-k labels from images or tensors, with statistics."},
+    {"name": "activations", "description": "Live activation monitor: sparsity, dead units."},
+    {"name": "v2 (Open Inference Protocol)", "description": "KServe v2 / Triton-compatible."},
+    {"name": "health", "description": "Liveness and readiness probes."},
+    {"name": "metrics", "description": "Prometheus metrics."},
+]
+
+
+def create_app(settings: ServiceSettings | None = None) -> FastAPI:
+    """Build the app; settings default to the ``RELU_SERVE_`` environment. Models load in
+    the lifespan, not here."""
+    settings = settings or load_settings()
+    service_metrics = ServiceMetrics()
+    plane = DataPlane(settings, service_metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_logging(settings.log_level)
+        configure_pillow(settings.max_image_pixels)
+        await plane.start()
+        try:
+            yield
+        finally:
+            await plane.stop()
+
+    app = FastAPI(
+        title="relu-serve",
+        summary="Image classifiers with per-layer activation statistics.",
+        lifespan=lifespan,
+        openapi_tags=TAGS,
+        exception_handlers={
+            **BASE_EXCEPTION_HANDLERS,
+            ModelNotFoundError: handle_model_not_found,
+            ModelInputError: handle_model_input,
+        },
+    )
+    app.state.settings = settings
+    app.state.plane = plane
+    app.state.metrics = service_metrics
+    # Added last runs first: metrics see every answer, the 413 of the body limit included.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=service_metrics, known_models=plane.model_names)
+    for router in (health.router, v1.router, v2.router, metrics.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,188 @@
+"""The /v1 REST API: models, predictions with top-k and statistics, live activation monitor."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from service.dataplane import DataPlane
+from service.model import LoadedModel, RunResult, top_k
+from service.routes import OrjsonResponse, get_plane
+from service.settings import ServiceSettings
+from service.v1_codec import SHAPE_HEADER, StatsLevel, read_predict_body
+
+router = APIRouter(prefix="/v1")
+Plane = Annotated[DataPlane, Depends(get_plane)]
+DEFAULT_TOP_K = 5
+
+_PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": (
+            "One or many images as multipart files (field `file`, repeated, or `files`), "
+            'JSON `{"images": [base64, ...]}`, JSON `{"tensor": {"shape": [...], "data": '
+            "base64 float32 | nested lists}}`, raw little-endian float32 as "
+            f"`application/octet-stream` with the shape in `{SHAPE_HEADER}` or `?shape=`, "
+            "or one raw `image/*` file. The image format is read from the bytes."
+        ),
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "top_k": {"type": "integer"},
+                        "stats": {"type": "string", "enum": ["none", "summary", "channels"]},
+                    },
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "images": {"type": "array", "items": {"type": "string"}},
+                        "tensor": {
+                            "type": "object",
+                            "properties": {
+                                "shape": {"type": "array", "items": {"type": "integer"}},
+                                "data": {"type": "string", "description": "base64 float32"},
+                            },
+                        },
+                        "top_k": {"type": "integer"},
+                        "stats": {"type": "string", "enum": ["none", "summary", "channels"]},
+                    },
+                }
+            },
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+@router.get("/models", tags=["models"], summary="List models, their versions and the default")
+async def list_models(plane: Plane) -> OrjsonResponse:
+    """Every model in the repository with its loaded versions."""
+    return OrjsonResponse({"models": plane.list_models()})
+
+
+@router.get("/models/{name}", tags=["models"], summary="Metadata of a model's latest version")
+@router.get(
+    "/models/{name}/versions/{version}",
+    tags=["models"],
+    summary="Metadata of one model version",
+)
+async def model_metadata(plane: Plane, name: str, version: str | None = None) -> OrjsonResponse:
+    """Inputs, labels, preprocessing, activation layers, execution provider and fall-back."""
+    return OrjsonResponse(plane.get_model(name, version).info())
+
+
+@router.post(
+    "/models/{name}/predict",
+    tags=["predict"],
+    summary="Classify images or a tensor with the latest version",
+    openapi_extra=_PREDICT_BODY,
+)
+@router.post(
+    "/models/{name}/versions/{version}/predict",
+    tags=["predict"],
+    summary="Classify images or a tensor with one model version",
+    openapi_extra=_PREDICT_BODY,
+)
+async def predict(
+    request: Request,
+    plane: Plane,
+    name: str,
+    version: str | None = None,
+    top_k_param: Annotated[
+        int | None,
+        Query(alias="top_k", ge=1, description="Labels per item (default 5, capped)"),
+    ] = None,
+    stats_param: Annotated[
+        StatsLevel | None,
+        Query(alias="stats", description="Activation statistics: none, summary or channels"),
+    ] = None,
+    shape: Annotated[
+        str | None, Query(description="Shape of a raw float32 body, e.g. 1,1,8,8")
+    ] = None,
+) -> OrjsonResponse:
+    """Top-k labels per image or tensor row, and per-layer statistics when asked."""
+    model = plane.get_model(name, version)
+    settings: ServiceSettings = plane.settings
+    body = await read_predict_body(request, max_items=settings.max_batch_size, query_shape=shape)
+    stats = body.stats or stats_param or "none"
+    k = body.top_k or top_k_param or DEFAULT_TOP_K
+    if body.tensor is not None:
+        x = body.tensor
+        names = None
+    else:
+        x = await plane.images_to_tensor(model, body.images)
+        names = [n for n, _ in body.images]
+    result = await plane.infer(model, x, stats)
+    return OrjsonResponse(encode_prediction(model, result, k, settings.max_top_k, stats, names))
+
+
+def encode_prediction(
+    model: LoadedModel,
+    result: RunResult,
+    k: int,
+    max_top_k: int,
+    stats: str,
+    names: list[str] | None,
+) -> dict[str, Any]:
+    """The predict answer: model, provider, per-item top-k, and statistics when asked."""
+    info = model.info()
+    num_classes = result.probabilities.shape[1]
+    labels = info.get("labels") or [str(i) for i in range(num_classes)]
+    k = max(1, min(k, max_top_k, num_classes))
+    ranked = top_k(result.probabilities, k, labels)
+    predictions = []
+    for i, top in enumerate(ranked):
+        item: dict[str, Any] = {"top_k": top}
+        if names is not None:
+            item["input"] = names[i]
+        predictions.append(item)
+    answer: dict[str, Any] = {
+        "model": {"name": info["name"], "version": str(info["version"])},
+        "provider": info["providers"]["used"][0],
+        "fell_back": info.get("fell_back", False),
+        "top_k": k,
+        "predictions": predictions,
+    }
+    if stats != "none" and result.layer_stats is not None:
+        answer["stats"] = {
+            "level": stats,
+            "samples": int(result.probabilities.shape[0]),
+            "layers": [encode_layer_stats(layer, stats) for layer in result.layer_stats],
+        }
+    return answer
+
+
+def encode_layer_stats(layer: Any, stats: str) -> dict[str, Any]:
+    """One layer's statistics as JSON; per-channel active rates only for ``channels``."""
+    data = layer.to_dict() if hasattr(layer, "to_dict") else dict(vars(layer))
+    if stats != "channels":
+        data.pop("channel_activity", None)
+    return data
+
+
+@router.get(
+    "/models/{name}/activations",
+    tags=["activations"],
+    summary="Live activation monitor: rolling sparsity, dead units, drift",
+)
+async def activations(plane: Plane, name: str) -> OrjsonResponse:
+    """The model's rolling window over live traffic, per layer, with drift vs. reference."""
+    return OrjsonResponse(plane.monitor_snapshot(name))
+
+
+@router.post(
+    "/models/{name}/activations/reset",
+    tags=["activations"],
+    summary="Empty the live activation window",
+)
+async def reset_activations(plane: Plane, name: str) -> OrjsonResponse:
+    """Start the model's monitor window afresh (e.g. after a deployment)."""
+    plane.reset_monitor(name)
+    return OrjsonResponse({"model": name, "reset": True})
