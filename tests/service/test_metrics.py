@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import base64
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
-from service.metrics import Counter, Gauge, GaugeFamily, Histogram, MetricsRegistry, format_value
+from service.app import create_app
+from service.metrics import (
+    CONTENT_TYPE,
+    Counter,
+    Gauge,
+    GaugeFamily,
+    Histogram,
+    MetricsRegistry,
+    format_value,
+)
+from tests.service.conftest import reference_inputs
+from tests.service.http_helpers import TINY_LAYERS, image_bytes, make_settings
+
+NS = "relu_serve"
+PREDICT = "/v1/models/tiny/predict"
 
 # The text format 0.0.4 grammar, strictly:
 # https://prometheus.io/docs/instrumenting/exposition_formats/#text-based-format
@@ -167,3 +184,96 @@ def test_the_strict_parser_rejects_bad_expositions() -> None:
     for text in bad:
         with pytest.raises(AssertionError):
             parse_exposition(text)
+
+
+# ---------------------------------------------------------------- the app's /metrics
+
+
+@pytest.fixture(scope="module")
+def scraped(model_repo: Path) -> dict[str, Family]:
+    """Families scraped from an app after a few good and bad requests."""
+    with TestClient(create_app(make_settings(model_repo))) as client:
+        x = reference_inputs(3)
+        body = {"tensor": {"shape": list(x.shape), "data": base64.b64encode(x.tobytes()).decode()}}
+        assert client.post(PREDICT, json=body).status_code == 200
+        assert client.post(PREDICT, params={"stats": "summary"}, json=body).status_code == 200
+        assert client.post(PREDICT, files={"file": ("a", image_bytes())}).status_code == 200
+        assert client.post(PREDICT, files={"file": ("b", b"junk")}).status_code == 415
+        assert client.post("/v1/models/no-such-model/predict", json=body).status_code == 404
+        assert client.get("/v1/no/route").status_code == 404
+        response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == CONTENT_TYPE
+    return parse_exposition(response.text)
+
+
+def test_requests_are_counted_by_route_model_and_status_class(scraped: dict) -> None:
+    route = "/v1/models/{name}/predict"
+    assert (
+        sample_value(scraped, f"{NS}_http_requests_total", route=route, model="tiny", status="2xx")
+        == 3
+    )
+    assert (
+        sample_value(scraped, f"{NS}_http_requests_total", route=route, model="tiny", status="4xx")
+        == 1
+    )
+    # an unknown model's name is not a label value (unbounded cardinality): it counts as ""
+    assert (
+        sample_value(scraped, f"{NS}_http_requests_total", route=route, model="", status="4xx") == 1
+    )
+    assert sample_value(scraped, f"{NS}_http_requests_total", route="unmatched", status="4xx") == 1
+    count = sample_value(scraped, f"{NS}_http_request_duration_seconds_count", route=route)
+    assert count == 5
+
+
+def test_inference_histograms(scraped: dict) -> None:
+    runs = sample_value(
+        scraped, f"{NS}_inference_duration_seconds_count", model="tiny", stats="none"
+    )
+    assert runs == 2
+    assert (
+        sample_value(
+            scraped, f"{NS}_inference_duration_seconds_count", model="tiny", stats="summary"
+        )
+        == 1
+    )
+    assert sample_value(scraped, f"{NS}_inference_batch_size_bucket", model="tiny", le="2") == 1
+    assert sample_value(scraped, f"{NS}_inference_batch_size_count", model="tiny") == 3
+    assert sample_value(scraped, f"{NS}_inference_queue_seconds_count", model="tiny") == 3
+
+
+def test_provider_and_fallback_per_model(scraped: dict) -> None:
+    for model, version in (("tiny", "1"), ("tiny", "2"), ("foreign", "1")):
+        info = sample_value(
+            scraped,
+            f"{NS}_model_info",
+            model=model,
+            version=version,
+            provider="CPUExecutionProvider",
+        )
+        assert info == 1
+        assert (
+            sample_value(scraped, f"{NS}_model_provider_fallback", model=model, version=version)
+            == 0
+        )
+    assert sample_value(scraped, f"{NS}_ready") == 1
+    assert sample_value(scraped, f"{NS}_models_loaded") == 3
+
+
+def test_activation_gauges_from_the_monitor(scraped: dict) -> None:
+    for layer in TINY_LAYERS:
+        inactive = sample_value(
+            scraped, f"{NS}_activation_inactive_fraction", model="tiny", layer=layer
+        )
+        assert inactive is not None
+        assert 0.0 <= inactive <= 1.0
+        assert (
+            sample_value(scraped, f"{NS}_activation_drift_score", model="tiny", layer=layer)
+            is not None
+        )
+        assert (
+            sample_value(scraped, f"{NS}_activation_dead_units", model="tiny", layer=layer)
+            is not None
+        )
+    assert sample_value(scraped, f"{NS}_monitor_window_samples", model="tiny") == 3
+    assert sample_value(scraped, f"{NS}_monitor_samples_total", model="tiny") == 3

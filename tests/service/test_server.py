@@ -1,0 +1,228 @@
+"""A real uvicorn server on 127.0.0.1, driven by Triton's own HTTP client and by httpx.
+
+What TestClient cannot show: the protocol as a third-party client speaks it over a socket,
+the process's start-up from the environment, and a graceful shutdown on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.service.conftest import reference_inputs
+from tests.service.http_helpers import TINY_LAYERS, image_bytes
+
+tritonclient_http = pytest.importorskip("tritonclient.http")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+pytestmark = pytest.mark.network
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(model_repo: Path) -> Iterator[str]:
+    """``host:port`` of a uvicorn subprocess serving the fixture repository; on teardown it
+    gets SIGTERM and must exit cleanly."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "RELU_SERVE_MODEL_ROOT": str(model_repo),
+        "RELU_SERVE_INTRA_OP_THREADS": "1",
+        "RELU_SERVE_LOG_LEVEL": "warning",
+    }
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "service.main:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "info",
+            "--no-access-log",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            if process.poll() is not None:
+                output = process.stdout.read().decode() if process.stdout else ""
+                pytest.fail(f"server exited with {process.returncode}:\n{output}")
+            try:
+                if httpx.get(f"http://{address}/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("server not ready within 60 s")
+            time.sleep(0.1)
+        yield address
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            code = process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            pytest.fail("server did not shut down within 20 s of SIGTERM")
+    output = process.stdout.read().decode() if process.stdout else ""
+    # uvicorn re-raises the signal it caught once shut down, so the exit status reports it.
+    assert code in (0, -signal.SIGTERM), output
+    assert "Application shutdown complete." in output, output
+
+
+@pytest.fixture
+def triton(server: str) -> Iterator[object]:
+    client = tritonclient_http.InferenceServerClient(url=server)
+    yield client
+    client.close()
+
+
+def v1_channel_stats(server: str, x: np.ndarray) -> dict[str, dict]:
+    response = httpx.post(
+        f"http://{server}/v1/models/tiny/predict",
+        params={"stats": "channels", "top_k": 10},
+        json={"tensor": {"shape": list(x.shape), "data": base64.b64encode(x.tobytes()).decode()}},
+        timeout=10,
+    )
+    assert response.status_code == 200, response.text
+    return {layer["name"]: layer for layer in response.json()["stats"]["layers"]}
+
+
+def test_server_health_and_metadata(triton) -> None:
+    assert triton.is_server_live()
+    assert triton.is_server_ready()
+    metadata = triton.get_server_metadata()
+    assert metadata["name"] == "relu-serve"
+    assert "binary_tensor_data" in metadata["extensions"]
+    assert triton.is_model_ready("tiny")
+    assert triton.is_model_ready("tiny", "1")
+    model = triton.get_model_metadata("tiny", "1")
+    assert model["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+    names = [o["name"] for o in model["outputs"]]
+    assert {"logits", "probabilities", "stats/features.0.act/active_rate"} <= set(names)
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_infer_json_and_binary(triton, server: str, binary: bool) -> None:
+    x = reference_inputs(3, seed=8)
+    tensor = tritonclient_http.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=binary)
+    outputs = [
+        tritonclient_http.InferRequestedOutput("probabilities", binary_data=binary),
+        tritonclient_http.InferRequestedOutput("logits", binary_data=binary),
+    ]
+    result = triton.infer("tiny", [tensor], outputs=outputs, request_id="r1")
+    probabilities = result.as_numpy("probabilities")
+    assert probabilities.shape == (3, 10)
+    assert result.get_response()["id"] == "r1"
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    v1 = httpx.post(
+        f"http://{server}/v1/models/tiny/predict",
+        params={"top_k": 1},
+        json={"tensor": {"data": x.tolist()}},
+        timeout=10,
+    ).json()
+    for i in range(3):
+        best = v1["predictions"][i]["top_k"][0]
+        assert int(np.argmax(probabilities[i])) == best["index"]
+        assert probabilities[i, best["index"]] == pytest.approx(best["probability"], rel=1e-5)
+
+
+def test_infer_without_outputs_returns_all_as_binary(triton) -> None:
+    x = reference_inputs(2)
+    tensor = tritonclient_http.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    result = triton.infer("tiny", [tensor], model_version="2")
+    assert result.as_numpy("logits").shape == (2, 10)
+    assert result.as_numpy("probabilities").shape == (2, 10)
+    response = result.get_response()
+    assert response["model_version"] == "2"
+    assert all("binary_data_size" in o["parameters"] for o in response["outputs"])
+
+
+def test_statistics_outputs_match_v1(triton, server: str) -> None:
+    x = reference_inputs(4, seed=21)
+    tensor = tritonclient_http.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    outputs = []
+    for layer in TINY_LAYERS:
+        outputs.append(tritonclient_http.InferRequestedOutput(f"stats/{layer}/active_rate"))
+        outputs.append(
+            tritonclient_http.InferRequestedOutput(
+                f"stats/{layer}/inactive_fraction", binary_data=False
+            )
+        )
+        outputs.append(tritonclient_http.InferRequestedOutput(f"stats/{layer}/dead_units"))
+    result = triton.infer("tiny", [tensor], outputs=outputs)
+    v1 = v1_channel_stats(server, x)
+    for layer in TINY_LAYERS:
+        active = result.as_numpy(f"stats/{layer}/active_rate")
+        assert active.shape == (4, v1[layer]["channels"])
+        assert np.allclose(active.mean(axis=0), v1[layer]["channel_activity"], atol=1e-6)
+        inactive = result.as_numpy(f"stats/{layer}/inactive_fraction")
+        assert inactive[0] == pytest.approx(v1[layer]["inactive_fraction"], abs=1e-6)
+        assert int(result.as_numpy(f"stats/{layer}/dead_units")[0]) == v1[layer]["dead_units"]
+
+
+def test_protocol_errors_reach_the_client(triton) -> None:
+    tensor = tritonclient_http.InferInput("input", [1, 1, 8, 8], "FP32")
+    tensor.set_data_from_numpy(np.zeros((1, 1, 8, 8), np.float32))
+    with pytest.raises(InferenceServerException, match="nope"):
+        triton.infer("nope", [tensor])
+    with pytest.raises(InferenceServerException, match="no output 'softmax'"):
+        triton.infer("tiny", [tensor], outputs=[tritonclient_http.InferRequestedOutput("softmax")])
+    wrong = tritonclient_http.InferInput("input", [1, 64], "FP32")
+    wrong.set_data_from_numpy(np.zeros((1, 64), np.float32))
+    with pytest.raises(InferenceServerException) as info:
+        triton.infer("tiny", [wrong])
+    assert info.value.status() == "400"
+    assert triton.is_server_ready()
+
+
+def test_multipart_predict_with_httpx(server: str) -> None:
+    files = [
+        ("file", ("one.png", image_bytes("PNG", (8, 8)), "image/png")),
+        ("file", ("two.jpg", image_bytes("JPEG", (15, 9), "RGB"), "image/jpeg")),
+    ]
+    response = httpx.post(
+        f"http://{server}/v1/models/tiny/predict", params={"top_k": 3}, files=files, timeout=10
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [p["input"] for p in body["predictions"]] == ["one.png", "two.jpg"]
+    assert all(len(p["top_k"]) == 3 for p in body["predictions"])
+
+
+def test_metrics_over_the_socket(server: str) -> None:
+    response = httpx.get(f"http://{server}/metrics", timeout=10)
+    assert response.status_code == 200
+    assert "relu_serve_http_requests_total" in response.text
+    assert 'relu_serve_model_info{model="tiny",version="2",provider="CPUExecutionProvider"' in (
+        response.text
+    )
