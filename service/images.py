@@ -1,5 +1,9 @@
 """Image bytes -> the model's input tensor, following the model's own ``Preprocessing``.
 
+Steps, in the metadata's order: convert to 1 or 3 channels (transparency over white), resize
+to H x W with the model's filter, scale to [0, 1], invert if ``invert``, invert the images
+whose border is the opposite of ``background``, then ``(x - mean) / std``.
+
 The format is sniffed from the bytes (a client's filename or content type is not trusted),
 the pixel count is checked from the header before any pixel is decoded, and the batch is
 normalised in one vectorised numpy step: (N, C, H, W) float32.
@@ -140,9 +144,23 @@ def preprocess_images(images: Sequence[Image.Image], prep: Preprocessing) -> np.
     x = pixels.astype(np.float32) * np.float32(1.0 / 255.0)  # [0, 1]
     if prep.invert:
         x = np.float32(1.0) - x
+    if prep.background is not None:
+        x = _match_background(x, prep.background)
     mean = np.asarray(prep.mean, dtype=np.float32).reshape(1, -1, 1, 1)
     std = np.asarray(prep.std, dtype=np.float32).reshape(1, -1, 1, 1)
     return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+
+
+def _match_background(x: np.ndarray, background: str) -> np.ndarray:
+    """Invert the images whose border is the opposite of the training images' background
+    (a dark digit on white paper for a model trained on light ink on black), as training's
+    ``image_background`` measured it: the mean of the border pixels in [0, 1]."""
+    border = np.concatenate(
+        [x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], axis=-1
+    )  # (N, C, 2W + 2H)
+    level = border.mean(axis=(1, 2))  # (N,)
+    flip = level > 0.5 if background == "dark" else level < 0.5
+    return np.where(flip[:, None, None, None], np.float32(1.0) - x, x)
 
 
 def default_preprocessing(model: str, input_shape: Sequence[object]) -> Preprocessing:

@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.settings import DEFAULT_MODEL_ROOT, ServiceSettings
 from tests.service.conftest import reference_inputs
 from tests.service.http_helpers import TINY_LAYERS, error_of, image_bytes, make_settings
 
@@ -154,3 +155,24 @@ def test_strict_providers_refuse_to_start(model_repo: Path) -> None:
     with pytest.raises(Exception, match="CUDAExecutionProvider"), TestClient(app):
         pass
     assert app.state.plane.ready is False
+
+
+@pytest.mark.skipif(
+    not (DEFAULT_MODEL_ROOT / "digits" / "1" / "model.onnx").is_file(),
+    reason="the default model is not in models/",
+)
+def test_default_settings_serve_the_shipped_model() -> None:
+    """Out of the box: the default model_root is the repository's models/ folder."""
+    settings = make_settings(DEFAULT_MODEL_ROOT)
+    assert ServiceSettings.model_fields["model_root"].default == DEFAULT_MODEL_ROOT
+    with TestClient(create_app(settings)) as client:
+        response = client.post(
+            "/v1/models/digits/predict",
+            params={"stats": "summary"},
+            files={"file": ("digit.png", image_bytes("PNG", (32, 32)))},
+        )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"]["name"] == "digits"
+    assert len(body["predictions"][0]["top_k"]) == 5
+    assert all(layer["kind"] == "relu" for layer in body["stats"]["layers"])

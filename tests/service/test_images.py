@@ -172,3 +172,24 @@ def test_default_preprocessing_for_image_shaped_foreign_models() -> None:
 def test_default_preprocessing_refuses_non_images(shape: list) -> None:
     with pytest.raises(BadRequestError, match="model 'foreign' takes tensors only"):
         default_preprocessing("foreign", shape)
+
+
+def test_images_against_the_training_background_are_inverted() -> None:
+    """A dark digit on white paper, for a model trained on light ink on black: inverted, so
+    both uploads give the same tensor."""
+    ink = np.zeros((8, 8), np.uint8)
+    ink[2:6, 3:5] = 255  # light stroke on black, like scikit-learn's digits
+    prep = Preprocessing(height=8, width=8, channels=1, mean=[0.3], std=[0.4], background="dark")
+    light_on_dark = preprocess_images(
+        [decode_image(encode(ink, "PNG"), max_pixels=MAX_PIXELS)], prep
+    )
+    dark_on_light = preprocess_images(
+        [decode_image(encode(255 - ink, "PNG"), max_pixels=MAX_PIXELS)], prep
+    )
+    assert np.allclose(light_on_dark, dark_on_light, atol=1e-6)
+    assert np.allclose(light_on_dark[0, 0], (ink / 255.0 - 0.3) / 0.4, atol=1e-6)
+    no_background = preprocess_images(
+        [decode_image(encode(255 - ink, "PNG"), max_pixels=MAX_PIXELS)],
+        prep.model_copy(update={"background": None}),
+    )
+    assert not np.allclose(no_background, light_on_dark)
