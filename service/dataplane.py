@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,8 @@ class DataPlane:
         self.ready = False
         self._executor: ThreadPoolExecutor | None = None
         self._random = random.Random()
+        self._pending = 0  # runs queued for or holding a worker
+        self._pending_lock = threading.Lock()
         metrics.registry.add_collector(self._collect_monitor_metrics)
 
     # ----------------------------------------------------------------- lifecycle
@@ -195,6 +198,13 @@ class DataPlane:
         """The one call site of a model run: a worker thread, a time limit, metrics."""
         if self._executor is None:
             raise ServiceUnavailableError("the service is shutting down")
+        if self._pending >= self.settings.max_queue_length:
+            raise ServiceUnavailableError(
+                f"{self._pending} model runs are already queued, the limit is "
+                f"{self.settings.max_queue_length} (max_queue_length); retry shortly",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            )
         name, version = model.name, model.version
         submitted = time.perf_counter()
         started = 0.0
@@ -204,10 +214,21 @@ class DataPlane:
             started = time.perf_counter()
             return model.run(x, stats)
 
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, work)
+        with self._pending_lock:
+            self._pending += 1
         try:
-            result = await asyncio.wait_for(future, self.settings.request_timeout_s)
+            job = self._executor.submit(work)
+        except RuntimeError:  # the executor shut down between the check above and here
+            self._run_finished(None)
+            raise ServiceUnavailableError("the service is shutting down") from None
+        # Done when finished, or cancelled before it started: a run abandoned at the time
+        # limit keeps its worker (threads cannot be stopped) and keeps counting.
+        job.add_done_callback(self._run_finished)
+        try:
+            # On timeout wait_for cancels the job, which only succeeds if it has not started.
+            result = await asyncio.wait_for(
+                asyncio.wrap_future(job), self.settings.request_timeout_s
+            )
         except TimeoutError:
             raise ServiceUnavailableError(
                 f"inference on model {name!r} took longer than {self.settings.request_timeout_s}"
@@ -221,6 +242,10 @@ class DataPlane:
         )
         self.metrics.batch_size.observe(int(x.shape[0]) if x.ndim else 1, model=name)
         return result
+
+    def _run_finished(self, _job: Future[RunResult] | None) -> None:
+        with self._pending_lock:
+            self._pending -= 1
 
     # ----------------------------------------------------------------- monitor
 
@@ -260,13 +285,19 @@ class DataPlane:
             "1 when the layer's drift exceeds drift_threshold over a full window.",
             ("model", "layer"),
         )
+        queue = GaugeFamily(
+            f"{ns}_inference_queue_length",
+            "Model runs waiting for or holding an inference worker.",
+            (),
+        )
+        queue.add(self._pending)
         window = GaugeFamily(
             f"{ns}_monitor_window_samples",
             "Samples currently in the model's monitor window.",
             ("model",),
         )
         if self.repository is None:
-            return [inactive, dead, drift, drifted, window]
+            return [queue, inactive, dead, drift, drifted, window]
         for name in self.model_names():
             snapshot = self.repository.monitor(name).snapshot()
             window.add(snapshot.get("samples", 0), name)
@@ -276,7 +307,7 @@ class DataPlane:
                 dead.add(_num(layer.get("dead_units")), name, lname)
                 drift.add(_num(layer.get("drift")), name, lname)
                 drifted.add(1.0 if layer.get("drifted") else 0.0, name, lname)
-        return [inactive, dead, drift, drifted, window]
+        return [queue, inactive, dead, drift, drifted, window]
 
 
 class _Repository(ModelRepository):

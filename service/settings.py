@@ -95,6 +95,10 @@ class ServiceSettings(BaseSettings):
     spec promises. A number in [0, 1]: that fraction of all requests also runs the
     statistics session (~1.35x a plain run) to feed the monitor, whatever they asked."""
 
+    max_queue_length: int = Field(default=64, ge=1)
+    """Most model runs waiting for or holding an inference worker; more get 503 with
+    Retry-After, so an overloaded instance sheds load instead of timing everyone out."""
+
     request_timeout_s: float = Field(default=30.0, gt=0.0)
     """Longest time one inference may take, queueing included; later ones get 503."""
 

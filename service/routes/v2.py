@@ -115,7 +115,8 @@ def output_catalogue(model: LoadedModel) -> dict[str, tuple[str, list[int]]]:
         info["output"]["name"]: ("FP32", [-1, num_classes]),
         PROBABILITIES: ("FP32", [-1, num_classes]),
     }
-    for layer in _layers(model):
+    layers = _layers(model) if info.get("statistics", True) else []  # no stats session
+    for layer in layers:
         prefix = f"stats/{layer['name']}"
         catalogue[f"{prefix}/active_rate"] = ("FP32", [-1, int(layer["channels"])])
         for quantity in SUMMARY_QUANTITIES:

@@ -7,6 +7,7 @@ import io
 import logging
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -568,3 +569,31 @@ def test_inference_over_the_time_limit_is_503(
     assert v2.status_code == 503
     assert "request_timeout_s" in v2.json()["error"]
     assert after.status_code == 200
+
+
+def test_queue_over_the_limit_is_503_with_retry_after(
+    model_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = create_app(make_settings(model_repo, max_queue_length=1))
+    with TestClient(app) as client:
+        model = app.state.plane.get_model("tiny")
+        real_run = model.run
+
+        def slow_run(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(0.3)
+            return real_run(*args, **kwargs)
+
+        monkeypatch.setattr(model, "run", slow_run)
+        body = tensor_json(reference_inputs(1))
+        with ThreadPoolExecutor(3) as pool:
+            responses = list(pool.map(lambda _: client.post(PREDICT, json=body), range(3)))
+        monkeypatch.setattr(model, "run", real_run)
+        statuses = sorted(r.status_code for r in responses)
+        assert statuses[0] == 200
+        assert statuses[-1] == 503
+        shed = next(r for r in responses if r.status_code == 503)
+        assert shed.headers["Retry-After"] == "1"
+        error = error_of(shed)
+        assert error["code"] == "queue_full"
+        assert "max_queue_length" in error["message"]
+        assert_still_serving(client)
