@@ -123,8 +123,8 @@ class DataPlane:
     def preprocessing_for(self, model: LoadedModel) -> Preprocessing:
         """The model's preprocessing, or a plain [0, 1] scaling for image-shaped foreign
         models (400 for others: they take tensors only)."""
-        if model.metadata is not None:
-            return model.metadata.preprocessing
+        if model.preprocessing is not None:
+            return model.preprocessing
         info = model.info()
         return default_preprocessing(info["name"], info["input"]["shape"])
 
