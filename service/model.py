@@ -30,14 +30,13 @@ from pydantic import ValidationError
 from service.instrument import (
     ActivationNode,
     LayerStats,
+    StatsLayout,
     find_activation_nodes,
     infer_tensor_shapes,
     instrument_model,
-    layer_arrays,
-    stat_output_name,
-    stat_outputs,
-    structural_min,
-    summarize_layer,
+    layers_without_zero,
+    per_sample_active,
+    summarize_layers,
 )
 from service.metadata import ModelMetadata, Preprocessing, ReferenceProfile
 from service.runtime import ProviderChoice, providers_in_use, resolve_providers, session_options
@@ -180,9 +179,8 @@ class LoadedModel:
         self._shared_values = shared_values  # must outlive the sessions that use them
         self._raw_session: ort.InferenceSession | None = None
         self._lock = threading.Lock()
-        self._stat_fetches = [
-            stat_output_name(layer.name, stat) for layer in layers for stat in stat_outputs(layer)
-        ]
+        self.layout = StatsLayout.of(layers)
+        self._stat_fetches = self.layout.outputs
 
     # ---- construction -------------------------------------------------------------------
 
@@ -386,30 +384,21 @@ class LoadedModel:
             return RunResult(logits=raw, probabilities=self._probabilities(raw))
         if self.stats_session is None:
             raise ModelInputError(f"model {self.name!r}: {self.stats_error}")
+        if not self.layers:  # nothing to observe (a model without activation layers)
+            (raw,) = self.plain_session.run([self.output_name], feeds)
+            return RunResult(raw, self._probabilities(raw), layer_stats=[], per_sample_active={})
         values = self.stats_session.run([self.output_name, *self._stat_fetches], feeds)
         raw = values[0]
         outputs = dict(zip(self._stat_fetches, values[1:], strict=True))
-        layer_stats, active = [], {}
-        missing_min = []
-        arrays = {layer.name: layer_arrays(layer, outputs) for layer in self.layers}
-        for layer in self.layers:
-            a = arrays[layer.name]
-            if not layer.needs_min_output and structural_min(layer, a) is None:
-                missing_min.append(layer)
-        mins = self._exact_minimum(x, missing_min) if missing_min else {}
-        for layer in self.layers:
-            a = arrays[layer.name]
-            layer_stats.append(
-                summarize_layer(
-                    layer, a, batch_min=mins.get(layer.name), channels=stats == "channels"
-                )
-            )
-            active[layer.name] = a.active
+        unknown_min = layers_without_zero(self.layers, self.layout, outputs)
+        mins = self._exact_minimum(x, unknown_min) if unknown_min else None
         return RunResult(
             logits=raw,
             probabilities=self._probabilities(raw),
-            layer_stats=layer_stats,
-            per_sample_active=active,
+            layer_stats=summarize_layers(
+                self.layers, self.layout, outputs, channels=stats == "channels", batch_mins=mins
+            ),
+            per_sample_active=per_sample_active(self.layers, self.layout, outputs),
         )
 
     def _probabilities(self, raw: np.ndarray) -> np.ndarray:

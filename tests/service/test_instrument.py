@@ -12,13 +12,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from service.instrument import (
+    STATS_OUTPUT,
     ActivationNode,
+    StatsLayout,
     find_activation_nodes,
     instrument_model,
-    layer_arrays,
-    stat_output_name,
-    stat_outputs,
-    summarize_layer,
+    layer_stat_names,
+    per_sample_active,
+    summarize_layers,
 )
 from service.metadata import ACTIVATION_KINDS, ActivationLayer, ModelMetadata
 from tests.service.conftest import (
@@ -44,31 +45,33 @@ def run_instrumented(model: onnx.ModelProto, layers: list[ActivationNode], x: np
     return dict(zip(names, session.run(names, {session.get_inputs()[0].name: x}), strict=True))
 
 
-def assert_stats_match(layer: ActivationNode, outputs: dict, raw: np.ndarray) -> None:
-    """Every statistic the service returns against the numpy oracle on the raw tensor.
+def assert_stats_match(layers: list[ActivationNode], outputs: dict, raw: dict) -> None:
+    """Every statistic the service returns against the numpy oracle on the raw tensors.
 
     Counts, rates, min and max are exact (up to the float32 division in the pooling); mean
     and std are compared relatively (1e-5) with a 1e-6 floor, because the graph sums in
-    float32 and numpy in float64 (see summarize_layer's docstring for the error bound).
+    float32 and numpy in float64 (see summarize_layers' docstring for the error bound).
     """
-    got = summarize_layer(layer, layer_arrays(layer, outputs), channels=True)
-    want = numpy_layer_stats(raw, layer.kind)
-    np.testing.assert_allclose(
-        outputs[stat_output_name(layer.name, "active")], want["per_sample_active"], atol=1e-7
-    )
-    np.testing.assert_allclose(got.channel_activity, want["channel_activity"], atol=1e-7)
-    assert got.inactive_fraction == pytest.approx(want["inactive_fraction"], abs=1e-7)
-    assert got.dead_units == want["dead_units"]
-    assert got.dead_channels == want["dead_channels"]
-    assert got.max == want["max"]
-    assert got.min == want["min"]
-    assert got.mean == pytest.approx(want["mean"], rel=1e-5, abs=1e-6)
-    assert got.std == pytest.approx(want["std"], rel=1e-5, abs=1e-6)
-    if want["saturated_fraction"] is None:
-        assert got.saturated_fraction is None
-    else:
-        assert got.saturated_fraction == pytest.approx(want["saturated_fraction"], abs=1e-7)
-    assert got.samples == raw.shape[0]
+    layout = StatsLayout.of(layers)
+    summaries = summarize_layers(layers, layout, outputs, channels=True)
+    active = per_sample_active(layers, layout, outputs)
+    for layer, got in zip(layers, summaries, strict=True):
+        want = numpy_layer_stats(raw[layer.tensor], layer.kind)
+        assert got.name == layer.name
+        np.testing.assert_allclose(active[layer.name], want["per_sample_active"], atol=1e-7)
+        np.testing.assert_allclose(got.channel_activity, want["channel_activity"], atol=1e-7)
+        assert got.inactive_fraction == pytest.approx(want["inactive_fraction"], abs=1e-7)
+        assert got.dead_units == want["dead_units"]
+        assert got.dead_channels == want["dead_channels"]
+        assert got.max == want["max"]
+        assert got.min == want["min"]
+        assert got.mean == pytest.approx(want["mean"], rel=1e-5, abs=1e-6)
+        assert got.std == pytest.approx(want["std"], rel=1e-5, abs=1e-6)
+        if want["saturated_fraction"] is None:
+            assert got.saturated_fraction is None
+        else:
+            assert got.saturated_fraction == pytest.approx(want["saturated_fraction"], abs=1e-7)
+        assert got.samples == raw[layer.tensor].shape[0]
 
 
 def identity_conv_model(kind: str, channels: int = 16) -> onnx.ModelProto:
@@ -135,14 +138,14 @@ def test_active_test_is_exact_on_zeros_and_tiny_positives(kind: str) -> None:
     layers = find_activation_nodes(model)
     assert [(a.kind, a.channels, a.rank) for a in layers] == [(kind, 16, 4)]
     x = edge_inputs()
-    raw = run_with_activations(model, x, ["act"])["act"]
+    raw = run_with_activations(model, x, ["act"])
     outputs = run_instrumented(model, layers, x)
-    active = outputs[stat_output_name("act", "active")]  # (N, C)
-    np.testing.assert_array_equal(active, (raw > 0).mean(axis=(2, 3)))
+    active = outputs[STATS_OUTPUT][:, :16]  # (N, C): the only layer's first block
+    np.testing.assert_array_equal(active, (raw["act"] > 0).mean(axis=(2, 3)))
     if kind not in ("sigmoid",):
         assert (active[:, 1] == 1.0).all()  # 1e-35 is active
         assert (active[:, 3] == 0.5).all()  # half the positions hold 2**-126
-    assert_stats_match(layers[0], outputs, raw)
+    assert_stats_match(layers, outputs, raw)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -158,8 +161,7 @@ def test_statistics_match_numpy_for_every_activation_kind(kind: str) -> None:
     x[0] = 0.0  # a sample of exact zeros
     raw = run_with_activations(model, x, [a.tensor for a in layers])
     outputs = run_instrumented(model, layers, x)
-    for layer in layers:
-        assert_stats_match(layer, outputs, raw[layer.tensor])
+    assert_stats_match(layers, outputs, raw)
 
 
 def test_statistics_match_numpy_for_the_tiny_and_foreign_fixtures(
@@ -174,8 +176,7 @@ def test_statistics_match_numpy_for_the_tiny_and_foreign_fixtures(
         x = reference_inputs(9, tuple(shape), seed=4)
         raw = run_with_activations(model, x, [a.tensor for a in layers])
         outputs = run_instrumented(model, layers, x)
-        for layer in layers:
-            assert_stats_match(layer, outputs, raw[layer.tensor])
+        assert_stats_match(layers, outputs, raw)
 
 
 def test_dead_channel_is_found_exactly(dead_channel_model_path: Path) -> None:
@@ -183,7 +184,7 @@ def test_dead_channel_is_found_exactly(dead_channel_model_path: Path) -> None:
     layers = find_activation_nodes(model)
     x = reference_inputs(5, seed=8)
     outputs = run_instrumented(model, layers, x)
-    first = summarize_layer(layers[0], layer_arrays(layers[0], outputs))
+    first = summarize_layers(layers, StatsLayout.of(layers), outputs)[0]
     assert first.dead_channels == [0]
     assert first.dead_units == 1
 
@@ -194,28 +195,31 @@ def test_original_outputs_stay_first_and_unchanged(tiny_cnn_path: Path) -> None:
     instrumented = instrument_model(model, layers)
     names = [o.name for o in instrumented.graph.output]
     assert names[0] == "logits"
-    expected = [stat_output_name(a.name, s) for a in layers for s in stat_outputs(a)]
-    assert names[1:] == expected
-    assert all(n.startswith("stats/") for n in expected)
+    layout = StatsLayout.of(layers)
+    assert names[1:] == layout.outputs == ["stats/packed"]
+    # Layer-major blocks: [active, max, mean, meansq] of layer 0 (4 channels), then layer 1.
+    assert layout.blocks[(layers[0].name, "active")] == slice(0, 4)
+    assert layout.blocks[(layers[0].name, "meansq")] == slice(12, 16)
+    assert layout.blocks[(layers[1].name, "active")] == slice(16, 24)
+    assert layout.width == 4 * 4 + 4 * 8
+    assert layout.columns["active"] == {layers[0].name: slice(0, 4), layers[1].name: slice(4, 12)}
     assert len(model.graph.node) < len(instrumented.graph.node)  # the input is not modified
     onnx.checker.check_model(instrumented, full_check=True)
     x = reference_inputs(3, seed=1)
     plain = run_with_activations(model, x, [])["logits"]
     outputs = run_instrumented(model, layers, x)
     np.testing.assert_allclose(outputs["logits"], plain, rtol=0, atol=1e-6)
-    for name in expected:
-        layer = next(a for a in layers if name.startswith(f"stats/{a.name}/"))
-        assert outputs[name].shape == (3, layer.channels)
+    assert outputs["stats/packed"].shape == (3, 48)
 
 
 def test_relu_layers_have_no_min_output_and_saturating_ones_have_saturation() -> None:
     def layer(kind: str) -> ActivationNode:
         return ActivationNode("l", kind, ACTIVATION_KINDS[kind], "t", 4, 4)
 
-    assert stat_outputs(layer("relu")) == ["active", "max", "mean", "meansq"]
-    assert stat_outputs(layer("relu6")) == ["active", "max", "mean", "meansq"]
-    assert stat_outputs(layer("elu")) == ["active", "max", "mean", "meansq", "min"]
-    assert stat_outputs(layer("tanh"))[-1] == "saturated"
+    assert layer_stat_names(layer("relu")) == ["active", "max", "mean", "meansq"]
+    assert layer_stat_names(layer("relu6")) == ["active", "max", "mean", "meansq"]
+    assert layer_stat_names(layer("elu")) == ["active", "max", "mean", "meansq", "min"]
+    assert layer_stat_names(layer("tanh"))[-1] == "saturated"
 
 
 def test_foreign_graph_discovery_names_kinds_and_channels() -> None:
@@ -262,7 +266,7 @@ def test_declared_layers_must_exist_in_the_graph(tiny_cnn_path: Path) -> None:
 def test_statistics_stay_in_the_blocked_layout(tmp_path: Path) -> None:
     """The point of the formulation: for ReLU layers with 16k channels, onnxruntime's NCHWc
     transform must not copy any full activation back to NCHW (every ReorderOutput in the
-    optimized graph reorders a pooled (N, C, 1, 1) result)."""
+    optimized graph reorders a pooled (N, C, 1, 1) result or their Concat)."""
     model = make_onnx_cnn(activations=("relu", "relu"), channels=(16, 32), with_metadata=False)
     layers = find_activation_nodes(model)
     options = ort.SessionOptions()
@@ -280,4 +284,4 @@ def test_statistics_stay_in_the_blocked_layout(tmp_path: Path) -> None:
     if not any(n.domain.endswith("nchwc") for n in optimized.graph.node):
         pytest.skip("no NCHWc transform on this CPU")
     for node in reorders:
-        assert producers[node.input[0]].op_type in ("GlobalAveragePool", "GlobalMaxPool"), node
+        assert producers[node.input[0]].op_type in ("GlobalAveragePool", "GlobalMaxPool", "Concat")
