@@ -133,6 +133,8 @@ class StatsLayout:
     # layer's slice within that gathered array.
     index: dict[str, np.ndarray]
     columns: dict[str, dict[str, slice]]
+    starts: dict[str, np.ndarray]  # stat -> each layer's first column in the gathered array
+    sizes: dict[str, np.ndarray]  # stat -> each layer's channel count
 
     @classmethod
     def of(cls, layers: Iterable[ActivationNode]) -> StatsLayout:
@@ -150,7 +152,9 @@ class StatsLayout:
                 parts.append(np.arange(width, width + layer.channels))
                 width += layer.channels
         index = {stat: np.concatenate(parts) for stat, parts in gathered.items()}
-        return cls(blocks=blocks, width=width, index=index, columns=columns)
+        starts = {k: np.array([c.start for c in v.values()]) for k, v in columns.items()}
+        sizes = {k: np.array([c.stop - c.start for c in v.values()]) for k, v in columns.items()}
+        return cls(blocks, width, index, columns, starts, sizes)
 
     @property
     def outputs(self) -> list[str]:
@@ -450,13 +454,12 @@ def layers_without_zero(
 ) -> list[ActivationNode]:
     """relu/relu6 layers whose minimum is not structurally 0: not one inactive element in
     the batch. Rare (every unit of every sample active); the caller measures them."""
-    active = outputs[STATS_OUTPUT][:, layout.index["active"]]  # (N, sum C)
-    inactive_somewhere = (active < 1.0).any(axis=0)  # (sum C,)
+    idx = layout.index["active"]
+    lowest = np.minimum.reduceat(outputs[STATS_OUTPUT].min(axis=0)[idx], layout.starts["active"])
     return [
         layer
-        for layer in layers
-        if not layer.needs_min_output
-        and not inactive_somewhere[layout.columns["active"][layer.name]].any()
+        for layer, low in zip(layers, lowest.tolist(), strict=True)
+        if not layer.needs_min_output and low >= 1.0
     ]
 
 
@@ -477,47 +480,56 @@ def summarize_layers(
     nearly constant. The minimum of relu/relu6 layers is 0 when any element is inactive
     (exact); otherwise it comes from ``batch_mins`` (the caller measured the raw output).
     """
-    get = dict.fromkeys(STAT_NAMES)
-    get.update(layout.gather(outputs[STATS_OUTPUT]))
-    n = get["active"].shape[0]
-    col_active = get["active"].mean(axis=0, dtype=np.float64)  # (sum C,)
-    col_inactive_somewhere = (get["active"] < 1.0).any(axis=0)
-    col_max = get["max"].max(axis=0)
-    col_mean = get["mean"].mean(axis=0, dtype=np.float64)
-    col_meansq = get["meansq"].mean(axis=0, dtype=np.float64)
-    col_min = get["min"].min(axis=0) if get["min"] is not None else None
-    col_sat = (
-        get["saturated"].mean(axis=0, dtype=np.float64) if get["saturated"] is not None else None
-    )
+    packed = outputs[STATS_OUTPUT]  # (N, width)
+    n = packed.shape[0]
+    # Reduce over the batch once for all columns, then per layer with reduceat over each
+    # layer's first column: a dozen numpy calls per request instead of a dozen per layer
+    # (ResNet-20: 395 us -> ~70 us).
+    col_mean = packed.sum(axis=0, dtype=np.float64) / n  # (width,)
+    col_max = packed.max(axis=0)
+    col_min = packed.min(axis=0)
+    idx, starts, sizes = layout.index["active"], layout.starts["active"], layout.sizes["active"]
+    col_active = col_mean[idx]  # (sum C,) per channel active share
+    dead_mask = col_max[layout.index["max"]] <= 0  # exact: no y > 0 anywhere in the batch
+    inactive = (1.0 - np.add.reduceat(col_active, starts) / sizes).tolist()
+    means = np.add.reduceat(col_mean[layout.index["mean"]], starts) / sizes
+    meansqs = np.add.reduceat(col_mean[layout.index["meansq"]], starts) / sizes
+    with np.errstate(invalid="ignore", over="ignore"):
+        variances = (meansqs - means * means).tolist()
+    maxima = np.maximum.reduceat(col_max[layout.index["max"]], starts).tolist()
+    dead_counts = np.add.reduceat(dead_mask, starts).tolist()
+    zero_seen = (np.minimum.reduceat(col_min[idx], starts) < 1.0).tolist()
+    minima, saturated = {}, {}
+    if "min" in layout.index:
+        values = np.minimum.reduceat(col_min[layout.index["min"]], layout.starts["min"])
+        minima = dict(zip(layout.columns["min"], values.tolist(), strict=True))
+    if "saturated" in layout.index:
+        sat = col_mean[layout.index["saturated"]]
+        values = np.add.reduceat(sat, layout.starts["saturated"]) / layout.sizes["saturated"]
+        saturated = dict(zip(layout.columns["saturated"], values.tolist(), strict=True))
     batch_mins = batch_mins or {}
     results = []
-    for layer in layers:
+    for i, layer in enumerate(layers):
         cols = layout.columns["active"][layer.name]
-        activity = col_active[cols]
-        dead = np.flatnonzero(col_max[cols] <= 0)  # exact: no y > 0 anywhere in the batch
-        mean = float(col_mean[cols].mean())
-        var = float(col_meansq[cols].mean()) - mean * mean
-        if not layer.needs_min_output:
-            minimum = 0.0 if col_inactive_somewhere[cols].any() else batch_mins.get(layer.name)
+        if layer.needs_min_output:
+            minimum = minima[layer.name]
         else:
-            minimum = float(col_min[layout.columns["min"][layer.name]].min())
-        saturated = None
-        if layer.saturating:
-            saturated = float(col_sat[layout.columns["saturated"][layer.name]].mean())
+            minimum = 0.0 if zero_seen[i] else batch_mins.get(layer.name)
+        var = variances[i]
         results.append(
             LayerStats(
                 name=layer.name,
                 kind=layer.kind,
                 channels=layer.channels,
-                inactive_fraction=float(1.0 - activity.mean()),
-                dead_units=int(dead.size),
-                dead_channels=dead.tolist(),
-                mean=mean,
+                inactive_fraction=inactive[i],
+                dead_units=int(dead_counts[i]),
+                dead_channels=np.flatnonzero(dead_mask[cols]).tolist() if dead_counts[i] else [],
+                mean=float(means[i]),
                 std=float(np.sqrt(max(var, 0.0))) if np.isfinite(var) else None,
                 min=None if minimum is None else float(minimum),
-                max=float(col_max[cols].max()),
-                saturated_fraction=saturated,
-                channel_activity=activity.tolist() if channels else None,
+                max=float(maxima[i]),
+                saturated_fraction=saturated.get(layer.name),
+                channel_activity=col_active[cols].tolist() if channels else None,
                 samples=n,
             )
         )
