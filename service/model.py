@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -120,6 +121,29 @@ def _dims(info: onnx.ValueInfoProto) -> list[int | None]:
         d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
         for d in info.type.tensor_type.shape.dim
     ]
+
+
+def _create_session(
+    source: onnx.ModelProto | Path, options: ort.SessionOptions, providers: list[str]
+) -> ort.InferenceSession:
+    """A session from a file, or from a model written to a temporary file first.
+
+    onnxruntime's Python ``InferenceSession`` keeps the bytes it was created from for as long
+    as the session lives ("TODO: This is bad as we're holding the memory indefinitely" in
+    onnxruntime_inference_collection.py): a second copy of every weight, twice per model
+    version. From a path it keeps only the path, so the temporary file can go at once.
+    ``disable_fallback``: onnxruntime would otherwise re-create a failing CUDA/TensorRT
+    session on CPU during a run, silently; our fall-back happens at load time, loudly.
+    """
+    if isinstance(source, Path):
+        session = ort.InferenceSession(str(source), options, providers=providers)
+    else:
+        with tempfile.TemporaryDirectory(prefix="relu-serve-") as folder:
+            file = Path(folder) / "model.onnx"
+            onnx.save(source, str(file))
+            session = ort.InferenceSession(str(file), options, providers=providers)
+    session.disable_fallback()
+    return session
 
 
 def _output_kind(graph: onnx.GraphProto, output: str) -> str:
@@ -272,18 +296,16 @@ class LoadedModel:
                         # ortvalue_from_numpy wraps the array's memory; the OrtValue keeps it alive.
                         shared[init.name] = ort.OrtValue.ortvalue_from_numpy(arr)
 
-        def make_session(proto: onnx.ModelProto) -> ort.InferenceSession:
+        def make_session(source: onnx.ModelProto | Path) -> ort.InferenceSession:
             options = session_options(threads)
             if shared:
                 options.add_session_config_entry("session.disable_prepacking", "1")
                 for init_name, value in shared.items():
                     options.add_initializer(init_name, value)
-            return ort.InferenceSession(
-                proto.SerializeToString(), options, providers=list(choice.used)
-            )
+            return _create_session(source, options, list(choice.used))
 
         try:
-            plain = make_session(model)
+            plain = make_session(path)  # the file as is: the plain session is the export
         except Exception as exc:  # onnxruntime's Fail / InvalidGraph / NotImplemented
             raise ModelLoadError(path, f"onnxruntime cannot create a session ({exc})") from exc
         choice = providers_in_use(plain, choice)
