@@ -259,6 +259,14 @@ def find_activation_nodes(
                 )
             shape = shapes.get(layer.tensor)
             rank = len(shape) if shape else 4
+            found = shape[1] if shape and len(shape) >= 2 else None
+            if isinstance(found, int) and found != layer.channels:
+                # The packed statistics are laid out by channel count: a wrong count would
+                # shift every later layer's columns.
+                raise ValueError(
+                    f"metadata says layer {layer.name!r} has {layer.channels} channels, "
+                    f"the graph's tensor {layer.tensor!r} has {found}"
+                )
             layers.append(
                 ActivationNode(
                     name=layer.name,

@@ -285,3 +285,11 @@ def test_statistics_stay_in_the_blocked_layout(tmp_path: Path) -> None:
         pytest.skip("no NCHWc transform on this CPU")
     for node in reorders:
         assert producers[node.input[0]].op_type in ("GlobalAveragePool", "GlobalMaxPool", "Concat")
+
+
+def test_declared_channel_count_must_match_the_graph(tiny_cnn_path: Path) -> None:
+    model = onnx.load(str(tiny_cnn_path))
+    metadata = ModelMetadata.from_props({p.key: p.value for p in model.metadata_props})
+    wrong = metadata.activations[0].model_copy(update={"channels": 5})
+    with pytest.raises(ValueError, match="has 5 channels, the graph's tensor"):
+        find_activation_nodes(model, [wrong, *metadata.activations[1:]])

@@ -279,3 +279,24 @@ def test_minimum_fallback_refuses_a_changed_file(tmp_path: Path, tiny_cnn_path: 
     model = LoadedModel.load(path, "tiny", "1")
     path.write_bytes(b"replaced")
     assert model._exact_minimum(reference_inputs(1), model.layers) == {}
+
+
+def test_model_without_activation_layers_has_empty_statistics(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)],
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        initializer=[numpy_helper.from_array(np.ones((3, 4), np.float32), "w")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 10
+    model = LoadedModel.load(save_model(proto, tmp_path / "linear.onnx"), "linear", "1")
+    model.warm_up()
+    result = model.run(np.ones((2, 4), np.float32), "summary")
+    assert result.layer_stats == []
+    assert result.per_sample_active == {}
+    np.testing.assert_allclose(result.logits, 4.0)
+    assert model.labels == ["0", "1", "2"]
