@@ -151,7 +151,7 @@ def test_report_does_not_flag_tanh_channels_as_dead(tmp_path: Path) -> None:
 
 
 def test_report_flags_vanishing_gradients(tmp_path: Path) -> None:
-    # First layer 1e-5 against the last layer's 0.2: below the 1e-3 ratio.
+    # First layer 1e-5 against the last layer's 0.2: below the 1e-2 ratio.
     run_dir = write_run(tmp_path / "run", make_history(first_grad=1e-5))
 
     text = write_report(run_dir).read_text()
