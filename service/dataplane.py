@@ -1,9 +1,9 @@
 """The data plane: the one place where requests meet models, independent of HTTP.
 
-Routes decode a request, call this, and encode the answer. It owns the model repository, the
-worker threads that run sessions off the event loop (onnxruntime releases the GIL), the time
-limit, feeding the live activation monitors, and the inference metrics. Dynamic batching
-will replace ``_run`` (one call site) without the routes noticing.
+Routes decode a request, call this, and encode the answer. It owns the model repository, one
+dynamic batcher per model version (``service.batching``: concurrent requests merged into one
+run in the model's own inference thread, off the event loop, since onnxruntime releases the
+GIL), the time limit, feeding the live activation monitors, and the inference metrics.
 """
 
 from __future__ import annotations
@@ -11,24 +11,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import threading
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import weakref
 from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
 import numpy as np
 
+from service.batching import BatcherClosedError, BatchReport, ModelBatcher, QueueFullError
 from service.errors import BadRequestError, PayloadTooLargeError, ServiceUnavailableError
 from service.images import decode_image, default_preprocessing, preprocess_images
 from service.metadata import Preprocessing
 from service.metrics import GaugeFamily, ServiceMetrics
-from service.model import LoadedModel, RunResult
+from service.model import STATS_MODES, LoadedModel, ModelInputError, RunResult
 from service.repository import ModelRepository
 from service.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
+# Images up to this many bytes in all are decoded on the event loop: a small PNG decodes in
+# ~20-50 us, less than the ~60 us a thread hop costs (SPEC); larger ones go to a thread.
+INLINE_DECODE_BYTES = 64 * 1024
 
 
 class DataPlane:
@@ -39,10 +41,13 @@ class DataPlane:
         self.metrics = metrics
         self.repository: ModelRepository | None = None
         self.ready = False
-        self._executor: ThreadPoolExecutor | None = None
         self._random = random.Random()
-        self._pending = 0  # runs queued for or holding a worker
-        self._pending_lock = threading.Lock()
+        # One batcher per loaded model version, dropped with it (an unloaded version's
+        # batcher and its thread go when the last request holding the model is done).
+        self._batchers: weakref.WeakKeyDictionary[LoadedModel, ModelBatcher] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._accepting = False
         metrics.registry.add_collector(self._collect_monitor_metrics)
 
     # ----------------------------------------------------------------- lifecycle
@@ -50,9 +55,7 @@ class DataPlane:
     async def start(self) -> None:
         """Load and warm up every model (in a thread), publish provider metrics; then ready."""
         settings = self.settings
-        self._executor = ThreadPoolExecutor(
-            max_workers=settings.inference_workers, thread_name_prefix="inference"
-        )
+        self._accepting = True
         repository = _Repository(
             settings.model_root,
             providers=settings.providers,
@@ -73,12 +76,15 @@ class DataPlane:
         logger.info("ready: %d model version(s) from %s", len(models), settings.model_root)
 
     async def stop(self) -> None:
-        """Not ready any more; let runs in flight finish, then free the workers."""
+        """Not ready any more; let queued runs and runs in flight finish, then free the
+        inference threads."""
         self.ready = False
         self.metrics.ready.set(0)
-        if self._executor is not None:
-            executor, self._executor = self._executor, None
-            await anyio.to_thread.run_sync(lambda: executor.shutdown(wait=True))
+        self._accepting = False
+        batchers = list(self._batchers.values())
+        self._batchers.clear()
+        timeout = self.settings.request_timeout_s
+        await asyncio.gather(*(b.close(timeout) for b in batchers))
 
     def _loaded_models(self) -> list[LoadedModel]:
         if self.repository is None:
@@ -144,6 +150,8 @@ class DataPlane:
             decoded = [decode_image(data, max_pixels=max_pixels, name=n) for n, data in images]
             return preprocess_images(decoded, prep)
 
+        if sum(len(data) for _, data in images) <= INLINE_DECODE_BYTES:
+            return work()
         return await anyio.to_thread.run_sync(work)
 
     def check_batch(self, size: int) -> None:
@@ -158,13 +166,23 @@ class DataPlane:
     # ----------------------------------------------------------------- inference
 
     async def infer(self, model: LoadedModel, x: np.ndarray, stats: str = "none") -> RunResult:
-        """Run ``model`` on ``x`` (N, ...) with statistics ``stats``, off the event loop.
+        """Run ``model`` on ``x`` (N, ...) with statistics ``stats``, batched with concurrent
+        requests to the same model version, off the event loop.
 
-        Feeds the model's live monitor when statistics were computed; with a sampling
-        fraction set, some requests that did not ask are run with statistics for it.
+        The input is checked here, per request, so a bad one fails alone and never the batch
+        it would have joined. Feeds the model's live monitor when statistics were computed;
+        with a sampling fraction set, some requests that did not ask are run with statistics
+        for it.
         """
         if x.ndim >= 1:
             self.check_batch(int(x.shape[0]))
+        if stats not in STATS_MODES:
+            raise ModelInputError(
+                f"unknown statistics option {stats!r}; choose one of {', '.join(STATS_MODES)}"
+            )
+        if stats != "none" and not model.has_statistics:
+            raise ModelInputError(f"model {model.name!r}: {model.stats_error}")
+        x = model.validate_input(x)
         run_stats = stats
         sampled = False
         sampling = self.settings.monitor_sampling
@@ -194,58 +212,69 @@ class DataPlane:
             )
         return result
 
+    def _batcher(self, model: LoadedModel) -> ModelBatcher:
+        """The model version's batcher, created on its first request."""
+        batcher = self._batchers.get(model)
+        if batcher is None:
+            max_size, max_delay_s = self.settings.batching_for(model.name)
+            batcher = ModelBatcher(
+                f"{model.name}/{model.version}",
+                max_size=max_size,
+                max_delay_s=max_delay_s,
+                max_queue=self.settings.max_queue_length,
+                workers=self.settings.inference_workers,
+                on_batch=self._record_batch,
+            )
+            self._batchers[model] = batcher
+        return batcher
+
     async def _run(self, model: LoadedModel, x: np.ndarray, stats: str) -> RunResult:
-        """The one call site of a model run: a worker thread, a time limit, metrics."""
-        if self._executor is None:
+        """The one call site of a model run: the model's batcher, a time limit."""
+        if not self._accepting:
             raise ServiceUnavailableError("the service is shutting down")
-        if self._pending >= self.settings.max_queue_length:
+        try:
+            future = self._batcher(model).submit(model, x, stats)
+        except QueueFullError as exc:
             raise ServiceUnavailableError(
-                f"{self._pending} model runs are already queued, the limit is "
-                f"{self.settings.max_queue_length} (max_queue_length); retry shortly",
+                f"{exc.queued} requests are already queued for model {model.name!r}, the limit "
+                f"is {exc.limit} (max_queue_length); retry shortly",
                 code="queue_full",
                 headers={"Retry-After": "1"},
-            )
-        name, version = model.name, model.version
-        submitted = time.perf_counter()
-        started = 0.0
-
-        def work() -> RunResult:
-            nonlocal started
-            started = time.perf_counter()
-            return model.run(x, stats)
-
-        with self._pending_lock:
-            self._pending += 1
-        try:
-            job = self._executor.submit(work)
-        except RuntimeError:  # the executor shut down between the check above and here
-            self._run_finished(None)
+            ) from None
+        except BatcherClosedError:
             raise ServiceUnavailableError("the service is shutting down") from None
-        # Done when finished, or cancelled before it started: a run abandoned at the time
-        # limit keeps its worker (threads cannot be stopped) and keeps counting.
-        job.add_done_callback(self._run_finished)
+        # A timer instead of asyncio.wait_for: no extra task or waiter per request. A request
+        # that times out while queued is skipped; one in a run is abandoned (threads cannot be
+        # stopped) and its run keeps the worker until it ends.
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self.settings.request_timeout_s, _expire, future)
         try:
-            # On timeout wait_for cancels the job, which only succeeds if it has not started.
-            result = await asyncio.wait_for(
-                asyncio.wrap_future(job), self.settings.request_timeout_s
-            )
+            return await future
         except TimeoutError:
             raise ServiceUnavailableError(
-                f"inference on model {name!r} took longer than {self.settings.request_timeout_s}"
-                " s (request_timeout_s)",
+                f"inference on model {model.name!r} took longer than "
+                f"{self.settings.request_timeout_s} s (request_timeout_s)",
                 code="timeout",
             ) from None
-        done = time.perf_counter()
-        self.metrics.queue_seconds.observe(max(started - submitted, 0.0), model=name)
-        self.metrics.inference_seconds.observe(
-            done - started, model=name, version=version, stats=stats
-        )
-        self.metrics.batch_size.observe(int(x.shape[0]) if x.ndim else 1, model=name)
-        return result
+        except BatcherClosedError:
+            raise ServiceUnavailableError("the service is shutting down") from None
+        finally:
+            timer.cancel()
 
-    def _run_finished(self, _job: Future[RunResult] | None) -> None:
-        with self._pending_lock:
-            self._pending -= 1
+    def _record_batch(self, report: BatchReport) -> None:
+        """Metrics of one finished run: run time, samples per run, each request's wait."""
+        name = report.model.name
+        for wait in report.queue_seconds:
+            self.metrics.queue_seconds.observe(wait, model=name)
+        self.metrics.inference_seconds.observe(
+            report.run_seconds, model=name, version=report.model.version, stats=report.stats
+        )
+        self.metrics.batch_size.observe(report.samples, model=name)
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting for or in a model run, over all models."""
+        return sum(b.pending for b in list(self._batchers.values()))
 
     # ----------------------------------------------------------------- monitor
 
@@ -287,10 +316,10 @@ class DataPlane:
         )
         queue = GaugeFamily(
             f"{ns}_inference_queue_length",
-            "Model runs waiting for or holding an inference worker.",
+            "Requests waiting for or in a model run (all models).",
             (),
         )
-        queue.add(self._pending)
+        queue.add(self.pending)
         window = GaugeFamily(
             f"{ns}_monitor_window_samples",
             "Samples currently in the model's monitor window.",
@@ -328,6 +357,12 @@ class _Repository(ModelRepository):
             return super()._load_version(name, version)
         finally:
             self.providers = default
+
+
+def _expire(future: asyncio.Future[RunResult]) -> None:
+    """The time limit ran out: fail the request (its run, if any, goes on without it)."""
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 def _num(value: Any) -> float:

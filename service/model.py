@@ -423,6 +423,53 @@ class LoadedModel:
             per_sample_active=per_sample_active(self.layers, self.layout, outputs),
         )
 
+    def run_split(
+        self, x: np.ndarray, sizes: Sequence[int], stats: Sequence[str]
+    ) -> list[RunResult]:
+        """Run one batch made of several requests' samples and give each request its own
+        result: ``sizes[i]`` rows of ``x`` belong to request i, which asked for ``stats[i]``.
+
+        The dynamic batcher calls this with inputs already checked by ``validate_input``, all
+        plain (``"none"``) or all with statistics; statistics are summarised per request over
+        its own samples, as if it had run alone. A lone request is simply ``run``.
+        """
+        if len(sizes) == 1:
+            return [self.run(x, stats[0])]
+        bounds = np.cumsum([0, *sizes])
+        parts = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        feeds = {self.input_name: x}
+        plain = stats[0] == "none"  # the batcher never mixes plain and statistics requests
+        if not plain and self.stats_session is None:
+            raise ModelInputError(f"model {self.name!r}: {self.stats_error}")
+        if plain or not self.layers:
+            (raw,) = self.plain_session.run([self.output_name], feeds)
+            probs = self._probabilities(raw)
+            if plain:
+                return [RunResult(raw[p], probs[p]) for p in parts]
+            return [RunResult(raw[p], probs[p], [], {}) for p in parts]  # no layers to observe
+        values = self.stats_session.run([self.output_name, *self._stat_fetches], feeds)
+        raw, probs = values[0], self._probabilities(values[0])
+        results = []
+        for p, level in zip(parts, stats, strict=True):
+            outputs = {k: v[p] for k, v in zip(self._stat_fetches, values[1:], strict=True)}
+            unknown_min = layers_without_zero(self.layers, self.layout, outputs)
+            mins = self._exact_minimum(x[p], unknown_min) if unknown_min else None
+            results.append(
+                RunResult(
+                    logits=raw[p],
+                    probabilities=probs[p],
+                    layer_stats=summarize_layers(
+                        self.layers,
+                        self.layout,
+                        outputs,
+                        channels=level == "channels",
+                        batch_mins=mins,
+                    ),
+                    per_sample_active=per_sample_active(self.layers, self.layout, outputs),
+                )
+            )
+        return results
+
     def _probabilities(self, raw: np.ndarray) -> np.ndarray:
         if self.output_kind == "probabilities":
             return raw.astype(np.float32, copy=False)

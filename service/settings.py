@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
@@ -34,6 +34,16 @@ def _default_threads() -> int:
 
 class SettingsError(ValueError):
     """A setting has a bad value; the message names the environment variable."""
+
+
+class BatchingOverride(BaseModel):
+    """One model's own dynamic batching limits (``model_batching``); unset fields keep the
+    service-wide ``batch_max_size`` and ``batch_max_delay_ms``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_size: int | None = Field(default=None, ge=1)
+    max_delay_ms: float | None = Field(default=None, ge=0.0, le=10_000.0)
 
 
 class ServiceSettings(BaseSettings):
@@ -96,14 +106,36 @@ class ServiceSettings(BaseSettings):
     statistics session (~1.35x a plain run) to feed the monitor, whatever they asked."""
 
     max_queue_length: int = Field(default=64, ge=1)
-    """Most model runs waiting for or holding an inference worker; more get 503 with
-    Retry-After, so an overloaded instance sheds load instead of timing everyone out."""
+    """Most requests waiting in one model's queue for the next batch (those in a run in flight
+    not counted); more get 503 with Retry-After, so an overloaded instance sheds load instead
+    of timing everyone out."""
+
+    batch_max_size: int = Field(default=64, ge=1)
+    """Dynamic batching: most samples in one inference run. Concurrent requests to a model are
+    merged into one onnxruntime run up to this many samples (a request's own batch counts); a
+    request larger than this runs alone, unsplit. 1 turns merging off."""
+
+    batch_max_delay_ms: float = Field(default=0.0, ge=0.0, le=10_000.0)
+    """Dynamic batching: how long the oldest queued request may wait for others to fill its
+    batch once a worker is free. 0 (default) is greedy: whatever queued while the previous run
+    was busy forms the next batch at once. An idle server never waits: a lone request runs
+    at once whatever this says."""
+
+    model_batching: dict[str, BatchingOverride] = Field(default_factory=dict)
+    """Per-model override of the batching settings as JSON, e.g.
+    ``{"resnet20": {"max_size": 32, "max_delay_ms": 2}}``."""
 
     request_timeout_s: float = Field(default=30.0, gt=0.0)
     """Longest time one inference may take, queueing included; later ones get 503."""
 
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     """Logging level of the ``service`` loggers and uvicorn."""
+
+    shutdown_delay_s: float = Field(default=0.0, ge=0.0, le=300.0)
+    """Seconds between SIGTERM and the server's stop during which readiness already answers
+    503 while requests are still served, so load balancers stop routing here first
+    (``service/lifecycle.py``); then requests in flight get uvicorn's
+    ``--timeout-graceful-shutdown`` to finish. 5 in ``deploy/``; 0 stops at once."""
 
     @field_validator("providers", mode="before")
     @classmethod
@@ -149,6 +181,15 @@ class ServiceSettings(BaseSettings):
     @classmethod
     def _lower_log_level(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+    def batching_for(self, model: str) -> tuple[int, float]:
+        """``(max samples per run, max queue delay in seconds)`` for ``model``."""
+        override = self.model_batching.get(model)
+        size = override.max_size if override and override.max_size else self.batch_max_size
+        delay_ms = self.batch_max_delay_ms
+        if override and override.max_delay_ms is not None:
+            delay_ms = override.max_delay_ms
+        return size, delay_ms / 1000.0
 
     def providers_for(self, model: str) -> list[str]:
         """The providers requested for ``model``: its override, or the service default."""
