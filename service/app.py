@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from service.dataplane import DataPlane
 from service.errors import BASE_EXCEPTION_HANDLERS, handle_model_input, handle_model_not_found
 from service.images import configure_pillow
+from service.lifecycle import GracefulShutdown
 from service.logs import configure_logging
 from service.metrics import ServiceMetrics
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
@@ -40,9 +41,12 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         configure_logging(settings.log_level)
         configure_pillow(settings.max_image_pixels)
         await plane.start()
+        shutdown = GracefulShutdown(plane, settings.shutdown_delay_s)
+        shutdown.install()  # SIGTERM: readiness 503 first, then uvicorn drains
         try:
             yield
         finally:
+            shutdown.uninstall()
             await plane.stop()
 
     app = FastAPI(

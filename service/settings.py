@@ -137,6 +137,12 @@ class ServiceSettings(BaseSettings):
     (``service/lifecycle.py``); then requests in flight get uvicorn's
     ``--timeout-graceful-shutdown`` to finish. 5 in ``deploy/``; 0 stops at once."""
 
+    shutdown_delay_s: float = Field(default=0.0, ge=0.0, le=300.0)
+    """Seconds between SIGTERM and the server's stop during which readiness already answers
+    503 while requests are still served, so load balancers stop routing here first
+    (``service/lifecycle.py``); then requests in flight get uvicorn's
+    ``--timeout-graceful-shutdown`` to finish. 5 in ``deploy/``; 0 stops at once."""
+
     @field_validator("providers", mode="before")
     @classmethod
     def _split_providers(cls, value: Any) -> Any:
