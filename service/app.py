@@ -16,7 +16,7 @@ from service.metrics import ServiceMetrics
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.model import ModelInputError
 from service.repository import ModelNotFoundError
-from service.routes import health, metrics, v1, v2
+from service.routes import health, metrics, ui, v1, v2
 from service.settings import ServiceSettings, load_settings
 
 TAGS = [
@@ -66,6 +66,6 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     # Added last runs first: metrics see every answer, the 413 of the body limit included.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=service_metrics, known_models=plane.model_names)
-    for router in (health.router, v1.router, v2.router, metrics.router):
+    for router in (health.router, v1.router, v2.router, metrics.router, ui.router):
         app.include_router(router)
     return app
