@@ -16,7 +16,7 @@ from service.metrics import ServiceMetrics
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.model import ModelInputError
 from service.repository import ModelNotFoundError
-from service.routes import health, metrics, ui, v1, v2
+from service.routes import health, management, metrics, ui, v1, v2
 from service.settings import ServiceSettings, load_settings
 
 TAGS = [
@@ -64,8 +64,15 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.state.plane = plane
     app.state.metrics = service_metrics
     # Added last runs first: metrics see every answer, the 413 of the body limit included.
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    upload_limit = (settings.max_upload_bytes, "max_upload_bytes")  # model files
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        path_limits={"/v1/admin/": upload_limit, "/v2/repository/": upload_limit},
+    )
     app.add_middleware(MetricsMiddleware, metrics=service_metrics, known_models=plane.model_names)
     for router in (health.router, v1.router, v2.router, metrics.router, ui.router):
         app.include_router(router)
+    app.include_router(management.router)  # model management, behind the API key
+    app.include_router(management.v2_router)
     return app

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import random
 import weakref
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ class DataPlane:
             strict=settings.strict_providers,
             window=settings.monitor_window,
             drift_threshold=settings.drift_threshold,
+            default_versions=settings.default_versions,
         )
         await anyio.to_thread.run_sync(repository.load_all)  # loads and warms up each version
         self.repository = repository
@@ -103,6 +105,22 @@ class DataPlane:
             1, provider=choice.used[0], requested=",".join(choice.requested), **labels
         )
         self.metrics.model_fallback.set(1 if choice.fell_back else 0, **labels)
+
+    def models_changed(self, removed: Iterable[LoadedModel] = ()) -> None:
+        """Provider metrics after the management API changed the loaded versions: drop the
+        gauges of ``removed`` versions that are gone, publish those loaded now."""
+        loaded = self._loaded_models()
+        keep = {(m.name, m.version) for m in loaded}
+        for model in removed:
+            if (model.name, model.version) not in keep:
+                choice, labels = model.providers, {"model": model.name, "version": model.version}
+                self.metrics.model_info.remove(
+                    provider=choice.used[0], requested=",".join(choice.requested), **labels
+                )
+                self.metrics.model_fallback.remove(**labels)
+        for model in loaded:
+            self._publish_model(model)
+        self.metrics.models_loaded.set(len(loaded))
 
     # ----------------------------------------------------------------- models
 
@@ -343,20 +361,16 @@ class _Repository(ModelRepository):
     """The core's repository plus per-model execution providers (``model_providers``).
 
     Adapter: ``ModelRepository`` takes one provider list for all models; this picks the
-    model's own list while that model's versions load (loading is sequential).
+    model's own list for each model it loads.
     """
 
     def __init__(self, root: Path, *, model_providers: dict[str, list[str]], **kwargs: Any) -> None:
         super().__init__(root, **kwargs)
         self._model_providers = model_providers
 
-    def _load_version(self, name: str, version: str) -> LoadedModel:
-        default = self.providers
-        self.providers = self._model_providers.get(name, default)
-        try:
-            return super()._load_version(name, version)
-        finally:
-            self.providers = default
+    def providers_for(self, name: str) -> str | list[str]:
+        """The model's own providers when ``model_providers`` names it."""
+        return self._model_providers.get(name, self.providers)
 
 
 def _expire(future: asyncio.Future[RunResult]) -> None:

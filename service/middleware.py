@@ -7,7 +7,7 @@ reads keep working; both are cheap enough to sit in front of every request.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -20,14 +20,26 @@ class BodyLimitMiddleware:
     """Refuse bodies over ``max_body_bytes`` with 413: at once when Content-Length says so,
     or as soon as a streamed (chunked) body passes the limit."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        path_limits: Mapping[str, tuple[int, str]] | None = None,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        # Path prefix -> (limit, setting): model uploads take a larger limit of their own.
+        self.path_limits = dict(path_limits or {})
 
-    def _error(self, size: str) -> PayloadTooLargeError:
+    def _limit_for(self, path: str) -> tuple[int, str]:
+        for prefix, limit in self.path_limits.items():
+            if path.startswith(prefix):
+                return limit
+        return self.max_body_bytes, "max_body_bytes"
+
+    def _error(self, size: str, limit: tuple[int, str]) -> PayloadTooLargeError:
         return PayloadTooLargeError(
-            f"request body of {size} bytes is over the limit of {self.max_body_bytes} bytes "
-            "(max_body_bytes)",
+            f"request body of {size} bytes is over the limit of {limit[0]} bytes ({limit[1]})",
             code="body_too_large",
         )
 
@@ -35,9 +47,10 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self._limit_for(scope["path"])
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            exc = self._error(length.decode())
+        if length is not None and length.isdigit() and int(length) > limit[0]:
+            exc = self._error(length.decode(), limit)
             response = error_response(Request(scope), exc.status_code, exc.code, exc.message)
             # The client may still be sending: tell it the connection ends with this answer.
             response.headers["Connection"] = "close"
@@ -50,8 +63,8 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise self._error(f"more than {received}")
+                if received > limit[0]:
+                    raise self._error(f"more than {received}", limit)
             return message
 
         await self.app(scope, limited_receive, send)

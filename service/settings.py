@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
@@ -137,11 +137,29 @@ class ServiceSettings(BaseSettings):
     (``service/lifecycle.py``); then requests in flight get uvicorn's
     ``--timeout-graceful-shutdown`` to finish. 5 in ``deploy/``; 0 stops at once."""
 
-    shutdown_delay_s: float = Field(default=0.0, ge=0.0, le=300.0)
-    """Seconds between SIGTERM and the server's stop during which readiness already answers
-    503 while requests are still served, so load balancers stop routing here first
-    (``service/lifecycle.py``); then requests in flight get uvicorn's
-    ``--timeout-graceful-shutdown`` to finish. 5 in ``deploy/``; 0 stops at once."""
+    management_api_key: SecretStr | None = None
+    """Bearer token of the model management API (``/v1/admin/...``, ``/v2/repository/...``):
+    clients send ``Authorization: Bearer <key>``, compared in constant time. Unset or empty
+    (the default), the management API is off and answers 403. At least 16 characters."""
+
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+    """Largest model file one management upload may carry, in bytes; larger ones get 413.
+    Separate from ``max_body_bytes``, which stays small for prediction requests."""
+
+    default_versions: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
+    """Version that serves requests naming none, per model, as JSON (``{"digits": 1}``);
+    other models serve their highest version. The management API changes it at run time."""
+
+    @field_validator("management_api_key", mode="before")
+    @classmethod
+    def _check_api_key(cls, value: Any) -> Any:
+        """Empty means off; a set key must be long enough to resist guessing."""
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if text is None or (isinstance(text, str) and not text.strip()):
+            return None
+        if not isinstance(text, str) or len(text.strip()) < 16:
+            raise ValueError("must be at least 16 characters (or empty to turn it off)")
+        return text.strip()
 
     @field_validator("providers", mode="before")
     @classmethod
