@@ -1,0 +1,1 @@
+"""Benchmarks: training, start-up, statistics overhead, and serving (run.py)."""

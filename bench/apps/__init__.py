@@ -1,0 +1,1 @@
+"""Servers the benchmark compares against: a no-op, a naive server, LitServe, BentoML."""
