@@ -42,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -665,8 +666,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # unwinds through the finally blocks that stop the servers
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; print the table; write the JSON."""
     args = parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     result = run_matrix(args)
     print_report(result)
     if args.out:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sys
 import weakref
 from collections.abc import Iterable
 from pathlib import Path
@@ -57,6 +58,10 @@ class DataPlane:
         """Load and warm up every model (in a thread), publish provider metrics; then ready."""
         settings = self.settings
         self._accepting = True
+        # The inference thread needs the GIL back after each run (to hand results over)
+        # while the event loop, busy with HTTP, holds it; Python makes a waiting thread wait
+        # up to the switch interval (5 ms by default), a third of a ResNet-20 batch.
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000.0)
         repository = _Repository(
             settings.model_root,
             providers=settings.providers,

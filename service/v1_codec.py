@@ -142,6 +142,10 @@ def _read_json(raw: bytes, max_items: int) -> PredictBody:
 
 def _b64decode(text: str, what: str) -> bytes:
     """Standard or URL-safe base64, with or without padding or a ``data:...;base64,`` prefix."""
+    try:  # the common case first: plain padded standard base64, no string copies
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        pass
     if text.startswith("data:"):
         _, _, text = text.partition(",")
     text = text.strip().replace("-", "+").replace("_", "/")
