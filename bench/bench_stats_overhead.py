@@ -22,6 +22,7 @@ import argparse
 import ctypes
 import gc
 import json
+import os
 import platform
 import random
 import subprocess
@@ -222,7 +223,8 @@ def main() -> None:
     }
     header = (
         f"{'model':10s} {'batch':>5s} {'plain':>8s} {'off':>8s} {'on':>8s} "
-        f"{'off/plain':>9s} {'on/off':>7s} {'off_run':>8s} {'on_run':>8s} {'run on/off':>10s}"
+        f"{'off/plain':>9s} {'on/off':>7s} {'off_run':>8s} {'on_run':>8s} {'run on/off':>10s} "
+        f"{'load':>5s}"
     )
     print(header)
     with tempfile.TemporaryDirectory() as tmp:
@@ -240,18 +242,24 @@ def main() -> None:
             for batch in batches:
                 x = rng.standard_normal([batch, *shape]).astype(np.float32)
                 reps = args.reps if batch > 1 else args.reps * 4
+                load_before = os.getloadavg()[0]
                 stats = summarize(time_variants(model, plain, x, reps))
+                # Other processes on this 2-core machine move on/off by 1.25-1.6x for the same
+                # graph (memory-bound statistic passes suffer more than the convolutions):
+                # keep the 1-minute load average with every row.
+                stats["loadavg_1min"] = [load_before, os.getloadavg()[0]]
                 results["models"].setdefault(name, {})[str(batch)] = stats
                 m = stats["median_ms"]
                 print(
                     f"{name:10s} {batch:5d} {m['plain']:8.3f} {m['off']:8.3f} {m['on']:8.3f} "
                     f"{stats['paired_off_vs_plain']:9.3f} {stats['paired_on_vs_off']:7.3f} "
                     f"{m['off_run']:8.3f} {m['on_run']:8.3f} "
-                    f"{stats['paired_on_run_vs_off_run']:10.3f}"
+                    f"{stats['paired_on_run_vs_off_run']:10.3f} {stats['loadavg_1min'][1]:5.2f}"
                 )
         print(
             "median ms per run; ratios: median of per-round paired ratios; off/on: the "
-            "sessions only; *_run: LoadedModel.run end to end (checks, softmax, aggregation)"
+            "sessions only; *_run: LoadedModel.run end to end (checks, softmax, aggregation); "
+            "load: 1-minute load average after the row"
         )
         if args.memory:
             exported["wide_dense"] = export_wide(Path(tmp))
