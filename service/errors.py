@@ -15,12 +15,57 @@ from typing import Any
 import orjson
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 logger = logging.getLogger(__name__)
 
 V2_PREFIX = "/v2"
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong: a stable code and a message naming the problem."""
+
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """The /v1 error body."""
+
+    error: ErrorDetail
+
+
+class V2ErrorBody(BaseModel):
+    """The Open Inference Protocol's error body."""
+
+    error: str
+
+
+ERROR_DESCRIPTIONS = {
+    400: "Bad request: an invalid parameter, tensor, image or body",
+    401: "No API key, or not a bearer token",
+    403: "Wrong API key, or the management API is disabled",
+    404: "No such model or version",
+    409: "Conflicts with the repository: the version exists, or is the default",
+    413: "Over a limit: body size, image pixels or batch size",
+    415: "Not an accepted content type or image format",
+    422: "Invalid parameters",
+    503: "Models are still loading, the queue is full, or the run timed out",
+    507: "The model repository folder cannot be written",
+}
+
+
+def error_responses(
+    *codes: int, v2: bool = False, descriptions: Mapping[int, str] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for these error statuses, with the body each one has."""
+    text = {**ERROR_DESCRIPTIONS, **(descriptions or {})}
+    return {
+        code: {"model": V2ErrorBody if v2 else ErrorBody, "description": text[code]}
+        for code in codes
+    }
 
 
 class ServiceError(Exception):

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 
 from service.dataplane import DataPlane
-from service.errors import ServiceUnavailableError
+from service.errors import ServiceUnavailableError, error_responses
 from service.routes import OrjsonResponse, get_plane
 
 router = APIRouter(prefix="/health", tags=["health"])
@@ -22,7 +22,7 @@ async def live() -> OrjsonResponse:
 @router.get(
     "/ready",
     summary="Readiness: 200 once every model is loaded and warmed up",
-    responses={503: {"description": "Still loading, or shutting down"}},
+    responses=error_responses(503, descriptions={503: "Still loading, or shutting down"}),
 )
 async def ready(plane: Annotated[DataPlane, Depends(get_plane)]) -> OrjsonResponse:
     """503 until the lifespan has loaded and warmed up every model, and again on shutdown."""

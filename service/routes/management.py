@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 
 from service.auth import require_api_key
-from service.errors import BadRequestError, UnsupportedMediaTypeError
+from service.errors import BadRequestError, UnsupportedMediaTypeError, error_responses
 from service.management import NAME_PATTERN, VERSION_PATTERN, ModelManager
 from service.routes import OrjsonResponse
 
@@ -28,25 +28,6 @@ RAW_TYPES = ("application/octet-stream", "application/onnx", "application/x-onnx
 
 
 # ---------------------------------------------------------------------- schemas
-
-
-class ErrorDetail(BaseModel):
-    """What went wrong: a stable code and a message naming the problem."""
-
-    code: str
-    message: str
-
-
-class ErrorBody(BaseModel):
-    """The /v1 error body."""
-
-    error: ErrorDetail
-
-
-class V2ErrorBody(BaseModel):
-    """The Open Inference Protocol's error body."""
-
-    error: str
 
 
 class VersionEntry(BaseModel):
@@ -126,22 +107,16 @@ class V2IndexEntry(BaseModel):
 
 
 def _errors(*codes: int, v2: bool = False) -> dict[int | str, dict[str, Any]]:
-    descriptions = {
-        400: "Bad request: an invalid name, version, parameter or body",
-        401: "No API key, or not a bearer token",
-        403: "Wrong API key, or the management API is disabled",
-        404: "No such model or version",
-        409: "Conflicts with the repository: the version exists, or is the default",
-        413: "The upload is over max_upload_bytes",
-        415: "Not an accepted content type",
-        422: "Invalid parameters, or a model file that cannot serve (the message says why)",
-        503: "Models are still loading",
-        507: "The model repository folder cannot be written",
-    }
-    responses: dict[int | str, dict[str, Any]] = {
-        code: {"model": V2ErrorBody if v2 else ErrorBody, "description": descriptions[code]}
-        for code in codes
-    }
+    responses = error_responses(
+        *codes,
+        v2=v2,
+        descriptions={
+            400: "Bad request: an invalid name, version, parameter or body",
+            413: "The upload is over max_upload_bytes",
+            422: "Invalid parameters, or a model file that cannot serve (the message says why)",
+            503: "Models are still loading",
+        },
+    )
     if 401 in responses:
         responses[401]["headers"] = {
             "WWW-Authenticate": {"description": "Bearer challenge", "schema": {"type": "string"}}

@@ -8,12 +8,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 
 from service.dataplane import DataPlane
+from service.errors import error_responses
 from service.model import LoadedModel, RunResult, top_k
 from service.routes import OrjsonResponse, get_plane
 from service.settings import ServiceSettings
 from service.v1_codec import SHAPE_HEADER, STATS_LEVELS, read_predict_body
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", responses=error_responses(404, 422, 503))
+PREDICT_ERRORS = error_responses(400, 413, 415)
 Plane = Annotated[DataPlane, Depends(get_plane)]
 DEFAULT_TOP_K = 5
 
@@ -109,12 +111,14 @@ async def model_metadata(plane: Plane, name: str, version: str | None = None) ->
     tags=["predict"],
     summary="Classify images or a tensor with the latest version",
     openapi_extra=_PREDICT_BODY,
+    responses=PREDICT_ERRORS,
 )
 @router.post(
     "/models/{name}/versions/{version}/predict",
     tags=["predict"],
     summary="Classify images or a tensor with one model version",
     openapi_extra=_PREDICT_BODY,
+    responses=PREDICT_ERRORS,
 )
 async def predict(request: Request) -> OrjsonResponse:
     """Top-k labels per image or tensor, and per-layer statistics when asked."""

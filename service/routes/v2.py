@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from service.dataplane import DataPlane
-from service.errors import BadRequestError
+from service.errors import BadRequestError, error_responses
 from service.metadata import SATURATING_KINDS
 from service.model import LoadedModel, RunResult
 from service.routes import OrjsonResponse, get_plane
@@ -30,7 +30,14 @@ from service.v2_codec import (
     tensor_metadata,
 )
 
-router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
+router = APIRouter(
+    prefix="/v2",
+    tags=["v2 (Open Inference Protocol)"],
+    responses=error_responses(400, 404, 503, v2=True),
+)
+# Health answers are the status code alone: 200 true, 4xx false, an empty body.
+EMPTY_TRUE = {200: {"description": "True (empty body)", "content": {}}}
+EMPTY_BOOLEAN = {**EMPTY_TRUE, 400: {"description": "False (empty body)", "content": {}}}
 Plane = Annotated[DataPlane, Depends(get_plane)]
 SERVER_NAME = "relu-serve"
 PROBABILITIES = "probabilities"
@@ -47,13 +54,15 @@ def _server_version() -> str:
         return "0.0.0"
 
 
-@router.get("/health/live", summary="Server live")
+@router.get("/health/live", summary="Server live", response_class=Response, responses=EMPTY_TRUE)
 async def server_live() -> Response:
     """200 while the process runs (empty body, per the protocol)."""
     return Response(status_code=200)
 
 
-@router.get("/health/ready", summary="Server ready")
+@router.get(
+    "/health/ready", summary="Server ready", response_class=Response, responses=EMPTY_BOOLEAN
+)
 async def server_ready(plane: Plane) -> Response:
     """200 once every model is loaded and warmed up; 400 before and during shutdown (the
     protocol: 200 means true, 4xx false, empty body)."""
@@ -72,8 +81,18 @@ async def server_metadata() -> OrjsonResponse:
     )
 
 
-@router.get("/models/{name}/ready", summary="Model ready (latest version)")
-@router.get("/models/{name}/versions/{version}/ready", summary="Model ready")
+@router.get(
+    "/models/{name}/ready",
+    summary="Model ready (latest version)",
+    response_class=Response,
+    responses=EMPTY_BOOLEAN,
+)
+@router.get(
+    "/models/{name}/versions/{version}/ready",
+    summary="Model ready",
+    response_class=Response,
+    responses=EMPTY_BOOLEAN,
+)
 async def model_ready(plane: Plane, name: str, version: str | None = None) -> Response:
     """200 when the model version is loaded and the server ready; 404 for an unknown one."""
     plane.get_model(name, version)
@@ -141,8 +160,16 @@ def _build_catalogue(model: LoadedModel) -> dict[str, tuple[str, list[int]]]:
     return catalogue
 
 
-@router.post("/models/{name}/infer", summary="Inference (latest version)")
-@router.post("/models/{name}/versions/{version}/infer", summary="Inference")
+@router.post(
+    "/models/{name}/infer",
+    summary="Inference (latest version)",
+    responses=error_responses(413, 415, v2=True),
+)
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    summary="Inference",
+    responses=error_responses(413, 415, v2=True),
+)
 async def infer(request: Request) -> Response:
     """JSON or binary tensors in; logits, probabilities and statistics outputs out."""
     # The path parameters and the data plane are read by hand: FastAPI's parameter machinery
