@@ -240,6 +240,8 @@ class DataPlane:
         batcher = self._batchers.get(model)
         if batcher is None:
             max_size, max_delay_s = self.settings.batching_for(model.name)
+            if model.input_shape[0] is not None:  # a fixed batch axis: requests cannot merge
+                max_size = 1
             batcher = ModelBatcher(
                 f"{model.name}/{model.version}",
                 max_size=max_size,

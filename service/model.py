@@ -379,6 +379,12 @@ class LoadedModel:
             )
         if x.shape[0] < 1:
             raise ModelInputError(f"input {self.input_name!r} has batch size 0; send at least 1")
+        fixed = self.input_shape[0]
+        if fixed is not None and x.shape[0] != fixed:
+            raise ModelInputError(
+                f"input {self.input_name!r} has a fixed batch size of {fixed} in this model; "
+                f"got a batch of {x.shape[0]}"
+            )
         for axis, (got, want) in enumerate(zip(x.shape[1:], self.input_shape[1:], strict=True)):
             if want is not None and got != want:
                 raise ModelInputError(

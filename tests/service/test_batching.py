@@ -281,3 +281,31 @@ def test_batching_settings_per_model(model_repo: Path) -> None:
     assert settings.batching_for("tiny") == (4, 0.002)
     assert settings.batching_for("foreign") == (16, 0.0)
     assert settings.batching_for("other") == (16, 0.002)
+
+
+def test_a_model_with_a_fixed_batch_axis_never_merges_and_refuses_other_sizes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnx
+
+    from tests.service.conftest import make_onnx_cnn
+
+    proto = make_onnx_cnn(with_metadata=False, name="fixed")
+    for value_info in (proto.graph.input[0], proto.graph.output[0]):
+        value_info.type.tensor_type.shape.dim[0].dim_value = 1  # batch axis fixed at 1
+    (tmp_path / "fixed" / "1").mkdir(parents=True)
+    onnx.save(proto, tmp_path / "fixed" / "1" / "model.onnx")
+
+    async def body(plane: DataPlane) -> None:
+        model = plane.get_model("fixed")
+        recorder = RunRecorder(model, monkeypatch)
+        inputs = [reference_inputs(1, seed=i) for i in range(3)]
+        results = await burst(plane, recorder, model, inputs, ["none"] * 3)
+        assert [r.logits.shape for r in results] == [(1, 10)] * 3
+        assert [call[0] for call in recorder.calls] == [[1]] * 4  # one request per run
+        with pytest.raises(
+            ModelInputError, match="fixed batch size of 1 in this model; got a batch of 2"
+        ):
+            await plane.infer(model, reference_inputs(2))
+
+    with_plane(tmp_path, body)
