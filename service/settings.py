@@ -227,12 +227,17 @@ class ServiceSettings(BaseSettings):
         return self.model_providers.get(model, self.providers)
 
 
+SECRET_FIELDS = frozenset({"management_api_key"})
+
+
 def _describe(error: dict[str, Any]) -> str:
     """One line for one pydantic error, naming the environment variable and the bad value."""
     field = str(error["loc"][0]) if error["loc"] else "?"
     where = f"{ENV_PREFIX}{field.upper()} ({field})"
     value = error.get("input")
-    shown = "" if isinstance(value, dict) and error["type"] == "missing" else f" (got {value!r})"
+    secret = field in SECRET_FIELDS  # never echo a key into logs
+    missing = isinstance(value, dict) and error["type"] == "missing"
+    shown = "" if missing or secret else f" (got {value!r})"
     return f"invalid setting {where}: {error['msg']}{shown}"
 
 
