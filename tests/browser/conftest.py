@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+
+from tests.server_helpers import uvicorn_server
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_ROOT = REPO_ROOT / "models"
@@ -44,12 +40,6 @@ INSTALL_HINT = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _find(env: str, *names: str) -> str:
     """The executable named by ``$env``, else the first of ``names`` on PATH; fails the test
     (slow tests are marked, not skipped) with how to install it."""
@@ -62,42 +52,9 @@ def _find(env: str, *names: str) -> str:
 @pytest.fixture(scope="session")
 def server_url() -> Iterator[str]:
     """``http://127.0.0.1:<port>`` of a uvicorn subprocess serving ``models/``."""
-    port = _free_port()
-    env = {
-        **os.environ,
-        "RELU_SERVE_MODEL_ROOT": str(MODEL_ROOT),
-        "RELU_SERVE_INTRA_OP_THREADS": "1",
-        "RELU_SERVE_MONITOR_WINDOW": str(MONITOR_WINDOW),
-        "RELU_SERVE_LOG_LEVEL": "warning",
-    }
-    command = [sys.executable, "-m", "uvicorn", "service.main:app"]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
-    process = subprocess.Popen(
-        command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    try:
-        while True:
-            if process.poll() is not None:
-                output = process.stdout.read().decode() if process.stdout else ""
-                pytest.fail(f"server exited with {process.returncode}:\n{output}")
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server not ready within 60 s")
-            time.sleep(0.1)
+    env = {"RELU_SERVE_MONITOR_WINDOW": str(MONITOR_WINDOW)}
+    with uvicorn_server(MODEL_ROOT, env=env) as (url, _process):
         yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="session")

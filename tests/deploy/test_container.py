@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.service.test_server import free_port
+from tests.server_helpers import free_port
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 

@@ -7,12 +7,8 @@ the process's start-up from the environment, and a graceful shutdown on SIGTERM.
 from __future__ import annotations
 
 import base64
-import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.server_helpers import uvicorn_server
 from tests.service.conftest import reference_inputs
 from tests.service.http_helpers import TINY_LAYERS, image_bytes
 
@@ -27,73 +24,23 @@ tritonclient_http = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 pytestmark = pytest.mark.network
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
 def server(model_repo: Path) -> Iterator[str]:
     """``host:port`` of a uvicorn subprocess serving the fixture repository; on teardown it
     gets SIGTERM and must exit cleanly."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "RELU_SERVE_MODEL_ROOT": str(model_repo),
-        "RELU_SERVE_INTRA_OP_THREADS": "1",
-        "RELU_SERVE_LOG_LEVEL": "warning",
-    }
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "service.main:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "info",
-            "--no-access-log",
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    try:
-        while True:
-            if process.poll() is not None:
-                output = process.stdout.read().decode() if process.stdout else ""
-                pytest.fail(f"server exited with {process.returncode}:\n{output}")
-            try:
-                if httpx.get(f"http://{address}/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server not ready within 60 s")
-            time.sleep(0.1)
-        yield address
-    finally:
+    with uvicorn_server(model_repo, args=["--log-level", "info"]) as (url, process):
+        yield url.removeprefix("http://")
         process.send_signal(signal.SIGTERM)
         try:
             code = process.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
             pytest.fail("server did not shut down within 20 s of SIGTERM")
-    output = process.stdout.read().decode() if process.stdout else ""
-    # uvicorn re-raises the signal it caught once shut down, so the exit status reports it.
-    assert code in (0, -signal.SIGTERM), output
-    assert "Application shutdown complete." in output, output
+        output = process.stdout.read().decode() if process.stdout else ""
+        # uvicorn re-raises the signal it caught once shut down, so the exit status reports it.
+        assert code in (0, -signal.SIGTERM), output
+        assert "Application shutdown complete." in output, output
 
 
 @pytest.fixture

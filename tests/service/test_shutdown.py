@@ -14,10 +14,8 @@ are slow uploads, whose bodies trickle in across the moment uvicorn closes its l
 from __future__ import annotations
 
 import base64
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -29,8 +27,8 @@ import numpy as np
 import orjson
 import pytest
 
+from tests.server_helpers import uvicorn_server
 from tests.service.conftest import reference_inputs
-from tests.service.test_server import REPO_ROOT, free_port
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -62,39 +60,10 @@ def classify(exc: Exception) -> str:
 @pytest.fixture
 def server_process(model_repo: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """A uvicorn subprocess with the command line of ``scripts/serve`` on 127.0.0.1."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "RELU_SERVE_MODEL_ROOT": str(model_repo),
-        "RELU_SERVE_INTRA_OP_THREADS": "1",
-        "RELU_SERVE_SHUTDOWN_DELAY_S": str(DELAY_S),
-        "RELU_SERVE_LOG_LEVEL": "info",
-    }
-    command = [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--timeout-graceful-shutdown", str(GRACE_S)]
-    command += ["--no-access-log"]
-    process = subprocess.Popen(
-        command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                output = process.stdout.read().decode() if process.stdout else ""
-                pytest.fail(f"server exited with {process.returncode}:\n{output}")
-            try:
-                if httpx.get(f"{base}/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server not ready within 60 s"
-            time.sleep(0.1)
-        yield process, base
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    env = {"RELU_SERVE_SHUTDOWN_DELAY_S": str(DELAY_S), "RELU_SERVE_LOG_LEVEL": "info"}
+    args = ["--timeout-graceful-shutdown", str(GRACE_S)]
+    with uvicorn_server(model_repo, env=env, args=args) as (url, process):
+        yield process, url
 
 
 def test_sigterm_under_load_fails_no_request_in_flight(server_process) -> None:

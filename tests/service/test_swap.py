@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,11 +23,11 @@ import pytest
 from onnx import numpy_helper
 
 from service.repository import ModelRepository
+from tests.server_helpers import uvicorn_server
 from tests.service.conftest import make_onnx_cnn, reference_inputs, save_model
 from tests.service.test_management import snapshot
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
-REPO_ROOT = Path(__file__).resolve().parents[2]
 KEY = "swap-test-management-key-000"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 RAW = {**AUTH, "Content-Type": "application/octet-stream"}
@@ -54,52 +51,11 @@ def constant_model(generation: int) -> tuple[bytes, np.ndarray]:
     return model.SerializeToString(), probs / probs.sum()
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def running_server(root: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     """A uvicorn subprocess serving ``root`` with management on; yields its URL."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "RELU_SERVE_MODEL_ROOT": str(root),
-        "RELU_SERVE_INTRA_OP_THREADS": "1",
-        "RELU_SERVE_LOG_LEVEL": "warning",
-        "RELU_SERVE_MANAGEMENT_API_KEY": KEY,
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1",
-         "--port", str(port), "--no-access-log"],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                output = process.stdout.read().decode() if process.stdout else ""
-                pytest.fail(f"server exited with {process.returncode}:\n{output}")
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server not ready within 60 s")
-            time.sleep(0.1)
-        yield url, process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with uvicorn_server(root, env={"RELU_SERVE_MANAGEMENT_API_KEY": KEY}) as server:
+        yield server
 
 
 def test_swaps_under_load_fail_no_request(tmp_path: Path) -> None:

@@ -113,7 +113,7 @@ def test_train_and_export_from_the_command_line(tmp_path):
     models = tmp_path / "models"
     cmd = [
         sys.executable,
-        *"-m training train --epochs 2 --limit 400 --no-progress".split(),
+        *["-m", "training", "train", "--epochs", "2", "--limit", "400", "--no-progress"],
         "--out",
         str(tmp_path / "runs"),
         "--name",

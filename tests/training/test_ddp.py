@@ -11,8 +11,9 @@ import pytest
 def test_two_processes_train_one_model(tmp_path):
     cmd = [
         sys.executable,
-        *"-m torch.distributed.run --standalone --nproc_per_node 2".split(),
-        *"-m training train --epochs 2 --limit 400 --batch-size 32 --threads 1".split(),
+        *["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+        *["-m", "training", "train", "--epochs", "2", "--limit", "400"],
+        *["--batch-size", "32", "--threads", "1"],
         "--no-progress",
         "--out",
         str(tmp_path),
