@@ -15,13 +15,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import tritonclient.http as tritonclient_http
+from tritonclient.utils import InferenceServerException
 
 from tests.server_helpers import uvicorn_server
 from tests.service.conftest import reference_inputs
 from tests.service.http_helpers import TINY_LAYERS, image_bytes
-
-tritonclient_http = pytest.importorskip("tritonclient.http")
-from tritonclient.utils import InferenceServerException  # noqa: E402
 
 pytestmark = pytest.mark.network
 

@@ -200,7 +200,8 @@ def test_a_killed_server_mid_upload_leaves_the_repository_as_it_was(tmp_path: Pa
 
 
 def test_tritonclient_repository_extension(tmp_path: Path) -> None:
-    http = pytest.importorskip("tritonclient.http")
+    import tritonclient.http as http
+
     root = tmp_path / "models"
     save_model(make_onnx_cnn(name="tiny"), root / "tiny" / "1" / "model.onnx")
     data, probs = constant_model(4)
