@@ -544,22 +544,27 @@ def test_unexpected_errors_are_a_logged_generic_500(
     assert "secret internal detail" in str(logged[0].exc_info[1])
 
 
+def slow_down(model: Any, monkeypatch: pytest.MonkeyPatch, seconds: float = 0.3) -> Any:
+    """Make every run of ``model`` take ``seconds`` longer; returns the undo."""
+    real_run = model.run
+
+    def slow_run(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(seconds)
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(model, "run", slow_run)
+    return lambda: monkeypatch.setattr(model, "run", real_run)
+
+
 def test_inference_over_the_time_limit_is_503(
     model_repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     app = create_app(make_settings(model_repo, request_timeout_s=0.05))
     with TestClient(app) as client:
-        model = app.state.plane.get_model("tiny")
-        real_run = model.run
-
-        def slow_run(*args: Any, **kwargs: Any) -> Any:
-            time.sleep(0.3)
-            return real_run(*args, **kwargs)
-
-        monkeypatch.setattr(model, "run", slow_run)
+        restore = slow_down(app.state.plane.get_model("tiny"), monkeypatch)
         v1 = client.post(PREDICT, files={"file": ("a.png", image_bytes())})
         v2 = client.post(INFER, json=v2_body())
-        monkeypatch.setattr(model, "run", real_run)
+        restore()
         time.sleep(0.7)  # the abandoned runs still hold the worker (a thread cannot be killed)
         after = client.post(PREDICT, files={"file": ("a.png", image_bytes())})
     assert v1.status_code == 503
@@ -576,18 +581,11 @@ def test_queue_over_the_limit_is_503_with_retry_after(
 ) -> None:
     app = create_app(make_settings(model_repo, max_queue_length=1))
     with TestClient(app) as client:
-        model = app.state.plane.get_model("tiny")
-        real_run = model.run
-
-        def slow_run(*args: Any, **kwargs: Any) -> Any:
-            time.sleep(0.3)
-            return real_run(*args, **kwargs)
-
-        monkeypatch.setattr(model, "run", slow_run)
+        restore = slow_down(app.state.plane.get_model("tiny"), monkeypatch)
         body = tensor_json(reference_inputs(1))
         with ThreadPoolExecutor(3) as pool:
             responses = list(pool.map(lambda _: client.post(PREDICT, json=body), range(3)))
-        monkeypatch.setattr(model, "run", real_run)
+        restore()
         statuses = sorted(r.status_code for r in responses)
         assert statuses[0] == 200
         assert statuses[-1] == 503
