@@ -167,7 +167,7 @@ def activation_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Ten
     return outputs
 
 
-def _session(proto: onnx.ModelProto, extra_outputs: list[str] = ()) -> ort.InferenceSession:
+def cpu_session(proto: onnx.ModelProto, extra_outputs: list[str] = ()) -> ort.InferenceSession:
     """An onnxruntime CPU session, optionally exposing intermediate tensors as outputs."""
     if extra_outputs:
         proto = onnx.ModelProto.FromString(proto.SerializeToString())
@@ -185,7 +185,7 @@ def check_parity(
     batch_size: int = 256,
 ) -> float:
     """Max abs difference, over held-out x, of the logits and every activation layer."""
-    session = _session(proto, [layer.tensor for layer in layers])
+    session = cpu_session(proto, [layer.tensor for layer in layers])
     worst = 0.0
     for start in range(0, len(x), batch_size):
         xb = x[start : start + batch_size]
@@ -200,7 +200,7 @@ def check_parity(
 
 def check_batch_axis(proto: onnx.ModelProto, example: torch.Tensor) -> None:
     """The exported graph runs at batch sizes 1, 7 and 64 and keeps the batch dimension."""
-    session = _session(proto)
+    session = cpu_session(proto)
     sample = example[:1].numpy()
     for n in BATCH_SIZES_CHECKED:
         logits = session.run(["logits"], {"input": np.repeat(sample, n, axis=0)})[0]
@@ -210,7 +210,7 @@ def check_batch_axis(proto: onnx.ModelProto, example: torch.Tensor) -> None:
 
 def onnx_accuracy(proto: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
     """Held-out accuracy of an ONNX model run by onnxruntime."""
-    session = _session(proto)
+    session = cpu_session(proto)
     correct = 0
     for start in range(0, len(x), 512):
         logits = session.run(None, {"input": x[start : start + 512]})[0]

@@ -18,13 +18,13 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from service.metadata import ModelMetadata, ReferenceProfile
 from training.export import (
     ExportResult,
-    _session,
     atomic_write_bytes,
+    cpu_session,
     onnx_accuracy,
     set_metadata,
     target_path,
 )
-from training.stats import _Accumulator
+from training.stats import LayerAccumulator
 
 CALIBRATION_SAMPLES = 512
 
@@ -64,12 +64,12 @@ def reference_from_onnx(
 ) -> ReferenceProfile:
     """Per-layer activity of the activation tensors of an ONNX graph on held-out x."""
     layers = meta.activations
-    session = _session(proto, [layer.tensor for layer in layers])
-    accumulators = [_Accumulator(layer.name, layer.kind) for layer in layers]
+    session = cpu_session(proto, [layer.tensor for layer in layers])
+    accumulators = [LayerAccumulator(layer.name, layer.kind) for layer in layers]
     for start in range(0, len(x), 256):
         outputs = session.run([layer.tensor for layer in layers], {"input": x[start : start + 256]})
         for acc, out in zip(accumulators, outputs, strict=True):
-            acc(None, None, torch.from_numpy(out))
+            acc.update(torch.from_numpy(out))
     profiles = {acc.name: acc.result().to_profile() for acc in accumulators}
     return ReferenceProfile(samples=len(x), layers=profiles)
 

@@ -71,8 +71,8 @@ class LayerStats:
         )
 
 
-class _Accumulator:
-    """Per-channel running sums for one layer, fed by a forward hook."""
+class LayerAccumulator:
+    """Per-channel running sums for one layer, fed by a forward hook or by ``update``."""
 
     def __init__(self, name: str, kind: str):
         self.name, self.kind = name, kind
@@ -81,6 +81,11 @@ class _Accumulator:
         self.minimum, self.maximum = float("inf"), float("-inf")
 
     def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
+        """Forward hook: add the layer's output."""
+        self.update(output)
+
+    def update(self, output: torch.Tensor) -> None:
+        """Add one batch of the layer's output (N, C, ...)."""
         y = output.detach().double()  # (N, C, ...) float64: exact counts and sums
         dims = [d for d in range(y.dim()) if d != 1]
         active = (y > 0).sum(dim=dims)  # (C,)
@@ -161,7 +166,7 @@ def measure_layers(
     hooks = []
     for name, module in model.named_modules():
         if isinstance(module, ACTIVATION_MODULES):
-            acc = _Accumulator(name, activation_kind(module))
+            acc = LayerAccumulator(name, activation_kind(module))
             accumulators.append(acc)
             hooks.append(module.register_forward_hook(acc))
     model.zero_grad(set_to_none=True)
