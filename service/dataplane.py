@@ -271,8 +271,7 @@ class DataPlane:
         # A timer instead of asyncio.wait_for: no extra task or waiter per request. A request
         # that times out while queued is skipped; one in a run is abandoned (threads cannot be
         # stopped) and its run keeps the worker until it ends.
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(self.settings.request_timeout_s, _expire, future)
+        timer = future.get_loop().call_later(self.settings.request_timeout_s, _expire, future)
         try:
             return await future
         except TimeoutError:

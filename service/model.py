@@ -370,12 +370,10 @@ class LoadedModel:
                 f"input {self.input_name!r} must have dtype {self.input_dtype.name}, "
                 f"got {x.dtype.name}"
             )
-        expected = ["N", *(d if d is not None else "?" for d in self.input_shape[1:])]
-        shape_text = "[" + ", ".join(str(d) for d in expected) + "]"
         if x.ndim != len(self.input_shape):
             raise ModelInputError(
                 f"input {self.input_name!r} must have rank {len(self.input_shape)} "
-                f"(shape {shape_text}), got shape {list(x.shape)}"
+                f"(shape {self._shape_text()}), got shape {list(x.shape)}"
             )
         if x.shape[0] < 1:
             raise ModelInputError(f"input {self.input_name!r} has batch size 0; send at least 1")
@@ -388,7 +386,7 @@ class LoadedModel:
         for axis, (got, want) in enumerate(zip(x.shape[1:], self.input_shape[1:], strict=True)):
             if want is not None and got != want:
                 raise ModelInputError(
-                    f"input {self.input_name!r} must have shape {shape_text}, got "
+                    f"input {self.input_name!r} must have shape {self._shape_text()}, got "
                     f"{list(x.shape)} (dim {axis + 1} is {got}, expected {want})"
                 )
         if x.dtype.kind == "f" and not np.isfinite(x).all():
@@ -397,6 +395,11 @@ class LoadedModel:
                 f"input {self.input_name!r} has {bad} non-finite values (NaN or infinity)"
             )
         return np.ascontiguousarray(x)
+
+    def _shape_text(self) -> str:
+        """The input shape for error messages: ``[N, 1, 8, 8]``, ``?`` for dynamic dims."""
+        dims = ["N", *(d if d is not None else "?" for d in self.input_shape[1:])]
+        return "[" + ", ".join(str(d) for d in dims) + "]"
 
     def run(self, x: np.ndarray, stats: StatsMode | str = "none") -> RunResult:
         """Run one batch; ``stats``: "none" (plain session), "summary" (per-layer statistics)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -185,7 +186,7 @@ def decode_raw_tensor(raw: bytes, shape_text: str | None) -> np.ndarray:
 
 
 def _from_bytes(raw: bytes, shape: tuple[int, ...], what: str) -> np.ndarray:
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     if len(raw) != 4 * count:
         raise BadRequestError(
             f"{what} has {len(raw)} bytes, but shape {list(shape)} of float32 needs {4 * count}"

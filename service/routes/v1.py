@@ -142,9 +142,9 @@ async def predict(request: Request) -> OrjsonResponse:
 
 def _query_options(request: Request) -> tuple[int | None, str | None, str | None]:
     """``top_k``, ``stats`` and ``shape`` from the query; 422 like FastAPI's own checks."""
-    query = request.query_params
-    if not query:
+    if not request.scope["query_string"]:
         return None, None, None
+    query = request.query_params
     errors = []
     top_k_text = query.get("top_k")
     top_k_value = None
