@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware import Middleware
 
 from service.dataplane import DataPlane
 from service.errors import BASE_EXCEPTION_HANDLERS, handle_model_input, handle_model_not_found
-from service.hotpath import HotRoutes
+from service.hotpath import HotRoutes, ServiceApp
 from service.images import configure_pillow
 from service.lifecycle import GracefulShutdown
 from service.logs import configure_logging
@@ -64,12 +65,23 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             shutdown.uninstall()
             await plane.stop()
 
-    app = FastAPI(
+    # Outermost first: metrics see every answer, the 413 of the body limit included.
+    upload_limit = (settings.max_upload_bytes, "max_upload_bytes")  # model files
+    middleware = [
+        Middleware(MetricsMiddleware, metrics=service_metrics, known_models=plane.model_names),
+        Middleware(
+            BodyLimitMiddleware,
+            max_body_bytes=settings.max_body_bytes,
+            path_limits={"/v1/admin/": upload_limit, "/v2/repository/": upload_limit},
+        ),
+    ]
+    app = ServiceApp(
         title="relu-serve",
         summary="Image classifiers with per-layer activation statistics.",
         lifespan=lifespan,
         telemetry=None if settings.opentelemetry else TELEMETRY_OFF,
         openapi_tags=TAGS,
+        middleware=middleware,
         exception_handlers={
             **BASE_EXCEPTION_HANDLERS,
             ModelNotFoundError: handle_model_not_found,
@@ -79,18 +91,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.plane = plane
     app.state.metrics = service_metrics
-    # Added first runs last, just before the router: predict and infer skip the route search
-    # and FastAPI's per-route layers, still under the body limit and the metrics below.
+    # Predict and infer skip FastAPI's per-request machinery, not our middleware.
     hot = [r for r in (*v1.router.routes, *v2.router.routes) if r.endpoint in HOT_ENDPOINTS]
-    app.add_middleware(HotRoutes, routes=hot, handlers=app.exception_handlers)
-    # Added last runs first: metrics see every answer, the 413 of the body limit included.
-    upload_limit = (settings.max_upload_bytes, "max_upload_bytes")  # model files
-    app.add_middleware(
-        BodyLimitMiddleware,
-        max_body_bytes=settings.max_body_bytes,
-        path_limits={"/v1/admin/": upload_limit, "/v2/repository/": upload_limit},
-    )
-    app.add_middleware(MetricsMiddleware, metrics=service_metrics, known_models=plane.model_names)
+    app.hot = HotRoutes(hot, app.exception_handlers, middleware)
     for router in (health.router, v1.router, v2.router, metrics.router, ui.router):
         app.include_router(router)
     app.include_router(management.router)  # model management, behind the API key

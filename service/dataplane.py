@@ -13,7 +13,7 @@ import logging
 import random
 import sys
 import weakref
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -129,11 +129,11 @@ class DataPlane:
 
     # ----------------------------------------------------------------- models
 
-    def model_names(self) -> list[str]:
-        """Names of the models the repository holds (for metric labels)."""
+    def model_names(self) -> Collection[str]:
+        """Names of the models the repository holds (for metric labels; cheap)."""
         if self.repository is None:
-            return []
-        return [entry["name"] for entry in self.repository.list_models()]
+            return ()
+        return self.repository.names()
 
     def get_model(self, name: str, version: str | None = None) -> LoadedModel:
         """The model ``name`` at ``version`` (default: latest); ModelNotFoundError if none."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -59,9 +60,13 @@ class _Metric:
         self._lock = threading.Lock()
 
     def _key(self, labels: dict[str, object]) -> LabelValues:
-        if set(labels) != set(self.labelnames):
+        try:
+            key = tuple([str(labels[n]) for n in self.labelnames])
+        except KeyError:
+            key = None
+        if key is None or len(labels) != len(self.labelnames):
             raise ValueError(f"{self.name} takes labels {self.labelnames}, got {tuple(labels)}")
-        return tuple(str(labels[n]) for n in self.labelnames)
+        return key
 
     def header(self) -> list[str]:
         """The HELP and TYPE lines."""
@@ -172,10 +177,9 @@ class Histogram(_Metric):
             child = self._children.get(key)
             if child is None:
                 child = self._children[key] = _HistogramChild([0] * len(self.buckets))
-            for i, bound in enumerate(self.buckets):
-                if value <= bound:
-                    child.counts[i] += 1
-                    break
+            i = bisect_left(self.buckets, value)  # the first bound >= value
+            if i < len(self.buckets):
+                child.counts[i] += 1
             child.total += value
             child.count += 1
 

@@ -93,6 +93,11 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return z.astype(np.float32)
 
 
+# Up to this many probabilities in all, ``top_k`` sorts in Python (stable, like the numpy
+# path: ties keep label order), which beats numpy's per-call overhead.
+_SMALL_TOP_K = 256
+
+
 def top_k(probabilities: np.ndarray, k: int, labels: Sequence[str]) -> list[list[dict]]:
     """The ``k`` most probable labels of each row of (N, K) (or (K,)) probabilities, best
     first: ``[[{"label", "index", "probability"}, ...], ...]``; ties keep label order."""
@@ -102,10 +107,14 @@ def top_k(probabilities: np.ndarray, k: int, labels: Sequence[str]) -> list[list
     if probs.shape[1] != len(labels):
         raise ValueError(f"{probs.shape[1]} probabilities per sample but {len(labels)} labels")
     k = min(k, probs.shape[1])
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (N, k)
+    rows = probs.tolist()
+    if probs.size <= _SMALL_TOP_K:  # a few samples of a few classes: Python is quicker
+        order = [sorted(range(len(row)), key=row.__getitem__, reverse=True)[:k] for row in rows]
+    else:
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k].tolist()  # (N, k)
     return [
-        [{"label": labels[i], "index": int(i), "probability": float(row[i])} for i in idx]
-        for row, idx in zip(probs, order, strict=True)
+        [{"label": labels[i], "index": i, "probability": row[i]} for i in idx]
+        for row, idx in zip(rows, order, strict=True)
     ]
 
 

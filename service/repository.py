@@ -25,8 +25,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -96,11 +97,18 @@ class _State:
 
     def default_of(self, name: str) -> str:
         """The version that serves ``name`` when no version is asked for."""
-        versions = self.models[name]
-        pinned = self.pinned.get(name)
-        if pinned is not None and pinned in versions:
-            return pinned
-        return max(versions, key=_version_key)
+        return self.defaults[name]
+
+    @cached_property
+    def defaults(self) -> dict[str, str]:
+        """Model name -> default version, worked out once per state (states are replaced,
+        never changed, so every request naming no version need not sort versions)."""
+        defaults = {}
+        for name, versions in self.models.items():
+            pinned = self.pinned.get(name)
+            use_pinned = pinned is not None and pinned in versions
+            defaults[name] = pinned if use_pinned else max(versions, key=_version_key)
+        return defaults
 
 
 @dataclass
@@ -296,6 +304,10 @@ class ModelRepository:
     def default_version(self, name: str) -> str:
         """The version that answers requests naming no version."""
         return self.get(name).version
+
+    def names(self) -> Collection[str]:
+        """Names of the loaded models (a live view of one state: cheap, read-only)."""
+        return self._state.models.keys()
 
     def pinned_versions(self) -> dict[str, str]:
         """Models whose default was set explicitly -> that version."""

@@ -210,15 +210,19 @@ def session_options(
     intra_op_threads: int | None = None, *, optimization: str = "all"
 ) -> ort.SessionOptions:
     """Session options for serving: ``intra_op_threads`` (default: ``available_cpus()``),
-    no idle spinning, full graph optimization."""
+    spinning only during a run, full graph optimization."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads or available_cpus()
     # One op at a time: parallelism comes from intra-op threads and concurrent requests.
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # Idle intra-op threads spin and take the other core from the event loop (SPEC, "Measured
-    # on this machine"); onnxruntime's documented switch is this config entry.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Intra-op threads spin while a run is in progress (the worker is ready for the next
+    # parallel section at once) and stop spinning when it returns, so an idle session leaves
+    # the event loop its core. Not spinning at all meant a thread wake-up for every
+    # parallelised node: ResNet-20 at batch 32 ran 1.04x slower, its statistics session
+    # 1.2x slower (the ~115 small statistic nodes), ~10% fewer requests/s at 64 clients.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     levels = {
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,

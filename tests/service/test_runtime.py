@@ -163,10 +163,11 @@ def test_available_cpus_on_this_machine_is_positive() -> None:
     assert 1 <= available_cpus() <= len(runtime.os.sched_getaffinity(0))
 
 
-def test_session_options_stop_spinning_and_optimize_fully() -> None:
+def test_session_options_spin_only_during_runs_and_optimize_fully() -> None:
     options = session_options(2)
     assert options.intra_op_num_threads == 2
-    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     with pytest.raises(ValueError, match="choose one of all, extended, basic, none"):
         session_options(1, optimization="fast")
