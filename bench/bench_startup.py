@@ -73,8 +73,7 @@ def measure_once(requests: int) -> dict:
         [
             sys.executable,
             "-m",
-            "uvicorn",
-            "service.main:app",
+            "service",
             "--host",
             "127.0.0.1",
             "--port",

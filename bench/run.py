@@ -10,7 +10,8 @@ by bench/make_models.py), each at 1, 8 and 64 concurrent clients:
 1. ``raw``: onnxruntime in-process, batch 1 and batched (the limit: best of batch 32/64,
    2 threads, spinning on or off), images/s;
 2. ``noop``: FastAPI + uvicorn, one route that reads the body and answers a fixed JSON (the
-   HTTP ceiling), same uvicorn options and worker count as ours;
+   HTTP ceiling), same uvicorn options, HTTP protocol (``service.http``) and worker count as
+   ours (``python -m service``);
 3. ``naive``: FastAPI + onnxruntime, pydantic model with JSON lists, one ``session.run`` per
    request (bench/apps/naive.py), the baseline;
 4. ``litserve`` and ``bentoml`` serving the same ONNX file with their batching, from the
@@ -55,6 +56,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.make_models import build_repository  # noqa: E402
+from service.__main__ import HTTP_PROTOCOL  # noqa: E402
 
 PY = sys.executable
 BENCH_VENV = ROOT / ".venv-bench"
@@ -344,10 +346,7 @@ def build_servers(
     repo: Path, models: list[str], args: argparse.Namespace
 ) -> tuple[list[Server], dict]:
     """Every server to run and each model's sample input."""
-    uvicorn = [
-        PY,
-        "-m",
-        "uvicorn",
+    options = [
         "--host",
         "127.0.0.1",
         "--port",
@@ -360,7 +359,9 @@ def build_servers(
     ]
     inputs = {m: sample_input(repo / m / "1" / "model.onnx") for m in models}
     servers: list[Server] = []
-    noop = Server("noop", [*uvicorn, "bench.apps.noop:app"], {}, "/health")
+    uvicorn = [PY, "-m", "uvicorn", *options]
+    # The ceiling runs on the same stack as ours: uvicorn with our HTTP protocol.
+    noop = Server("noop", [*uvicorn, "--http", HTTP_PROTOCOL, "bench.apps.noop:app"], {}, "/health")
     for m in models:
         noop.requests[f"{m}:binary"] = Request(
             "/noop", {"Content-Type": "application/octet-stream"}, inputs[m][1].tobytes()
@@ -375,7 +376,7 @@ def build_servers(
     for item in args.ours_env:
         key, _, value = item.partition("=")
         ours_env[key] = value
-    ours = Server("ours", [*uvicorn, "service.main:app"], ours_env, "/health/ready")
+    ours = Server("ours", [PY, "-m", "service", *options], ours_env, "/health/ready")
     for m in models:
         for kind, request in our_requests(m, *inputs[m]).items():
             if args.quick and kind not in ("json-b64", "binary", "binary+stats"):

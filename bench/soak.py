@@ -2,7 +2,7 @@
 
     python bench/soak.py [--duration 300] [--clients 32] [--warmup 30] [--out FILE.json]
 
-Starts ``uvicorn service.main:app`` (as ``scripts/serve`` does) on a free 127.0.0.1 port,
+Starts ``python -m service`` (uvicorn, as ``scripts/serve`` does) on a free 127.0.0.1 port,
 drives ``--clients`` concurrent keep-alive connections for ``--duration`` seconds with a mix
 of requests (a v1 image, a v1 image with ``stats=summary``, a v2 tensor ``infer``), samples
 the server's resident memory (``VmRSS``) every ``--interval`` seconds, then stops the server
@@ -217,7 +217,7 @@ def run_python(base: str, requests: list[tuple[str, bytes]], clients: int, durat
 
 
 def start_server(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1"]
+    command = [sys.executable, "-m", "service", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--timeout-graceful-shutdown", "30", "--no-access-log"]
     server = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT

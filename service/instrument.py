@@ -50,15 +50,18 @@ one sum). Tried and dropped:
 - Any order of a layer's statistic nodes (onnxruntime runs them in the order they are
   appended here, not in the order of the packed output): no measurable difference.
 - ORT_ENABLE_EXTENDED instead of ALL: no NCHWc transform, the model itself runs ~2x slower.
-The statistic nodes barely gain from the second intra-op thread (the convolutions do), so the
-ratio on/off is ~1.18 at one thread and ~1.33-1.40 at two on a quiet machine; with other
-processes on the machine the same graphs measured anywhere from 1.24 to 1.6.
+What did help: letting onnxruntime's intra-op threads spin during a run
+(``service.runtime.session_options``). With spinning off, every parallelised node woke the
+second thread through the kernel, and the statistics add ~115 small nodes: on/off measured
+1.33-1.40 at two threads, 1.18 at one. Spinning during the run and stopping when it returns
+(``session.force_spinning_stop``): 1.20 at two threads (batch 32; profile: the pooling
+nodes ~35%, the indicators and squares ~50%, the packing Concat/reorder the rest).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -463,30 +466,46 @@ class LayerStats:
     samples: int = 0
 
     def to_dict(self) -> dict:
-        """Plain JSON-ready form."""
-        return {k: v for k, v in self.__dict__.items() if k != "channel_activity" or v is not None}
+        """Plain JSON-ready form (``channel_activity`` only when computed)."""
+        data = self.__dict__.copy()
+        if data["channel_activity"] is None:
+            del data["channel_activity"]
+        return data
+
+
+class LayerActivity(Mapping[str, np.ndarray]):
+    """Per-sample per-channel active rates of every layer: one (N, sum C) array, read as
+    layer name -> its (N, C) columns (views, made on access)."""
+
+    def __init__(self, array: np.ndarray, columns: Mapping[str, slice]) -> None:
+        self.array = array
+        self.columns = columns
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.array[:, self.columns[name]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.columns)
+
+    def __len__(self) -> int:
+        return len(self.columns)
+
+    def rows(self, part: slice) -> LayerActivity:
+        """The same layers for the samples ``part``."""
+        return LayerActivity(self.array[part], self.columns)
 
 
 def per_sample_active(
     layers: Iterable[ActivationNode], layout: StatsLayout, outputs: Mapping[str, np.ndarray]
-) -> dict[str, np.ndarray]:
-    """Layer name -> (N, C) active rates."""
+) -> LayerActivity:
+    """Layer name -> (N, C) active rates (the layout's layers; ``layers`` must be those)."""
+    if not layout.width:
+        return LayerActivity(np.zeros((0, 0), np.float32), {})
     active = outputs[STATS_OUTPUT][:, layout.index["active"]]  # (N, sum C)
-    return {layer.name: active[:, layout.columns["active"][layer.name]] for layer in layers}
+    return LayerActivity(active, layout.columns["active"])
 
 
-def layers_without_zero(
-    layers: Iterable[ActivationNode], layout: StatsLayout, outputs: Mapping[str, np.ndarray]
-) -> list[ActivationNode]:
-    """relu/relu6 layers whose minimum is not structurally 0: not one inactive element in
-    the batch. Rare (every unit of every sample active); the caller measures them."""
-    idx = layout.index["active"]
-    lowest = np.minimum.reduceat(outputs[STATS_OUTPUT].min(axis=0)[idx], layout.starts["active"])
-    return [
-        layer
-        for layer, low in zip(layers, lowest.tolist(), strict=True)
-        if not layer.needs_min_output and low >= 1.0
-    ]
+MinimumProbe = Callable[[int, list[ActivationNode]], Mapping[str, float] | None]
 
 
 def summarize_layers(
@@ -497,66 +516,147 @@ def summarize_layers(
     channels: bool = False,
     batch_mins: Mapping[str, float] | None = None,
 ) -> list[LayerStats]:
-    """Aggregate the packed statistics over the batch, in float64, per layer.
+    """``summarize_requests`` for one request: the whole batch in ``outputs``; the minimum of
+    relu/relu6 layers without a zero comes from ``batch_mins`` (the caller measured it)."""
+    packed = outputs[STATS_OUTPUT]
+    (summary,) = summarize_requests(
+        layers, layout, packed, [packed.shape[0]], [channels], lambda _, __: batch_mins
+    )
+    return summary
 
+
+def summarize_requests(
+    layers: Sequence[ActivationNode],
+    layout: StatsLayout,
+    packed: np.ndarray,
+    sizes: Sequence[int],
+    channels: Sequence[bool],
+    measure_min: MinimumProbe | None = None,
+) -> list[list[LayerStats]]:
+    """Per request, the statistics of every layer over that request's own samples: request
+    i owns the next ``sizes[i]`` rows of ``packed`` (N, width), the batch's ``stats/packed``
+    output, and gets per-channel activity when ``channels[i]``.
+
+    Aggregated in float64, with one numpy call per quantity for the whole batch (a batch of
+    32 one-sample ResNet-20 requests: ~100 us per request one request at a time, ~15 now).
     Every (sample, channel) pools the same number of positions within a layer, so plain
     means over (N, C) are means over all elements. The variance is E[y^2] - E[y]^2 from
     float32 per-group moments: its absolute error is about 3e-7 * E[y^2] (float32 pooling),
     a relative std error of ~1.5e-7 * (1 + mean^2 / var), below 1e-5 unless the layer is
     nearly constant. The minimum of relu/relu6 layers is 0 when any element is inactive
-    (exact); otherwise it comes from ``batch_mins`` (the caller measured the raw output).
+    (exact); for the rare request in which such a layer has no inactive element at all,
+    ``measure_min(i, layers)`` gives those layers' minima (None or missing: unknown).
     """
-    packed = outputs[STATS_OUTPUT]  # (N, width)
-    n = packed.shape[0]
-    # Reduce over the batch once for all columns, then per layer with reduceat over each
-    # layer's first column: a dozen numpy calls per request instead of a dozen per layer
-    # (ResNet-20: 395 us -> ~70 us).
-    col_mean = packed.sum(axis=0, dtype=np.float64) / n  # (width,)
-    col_max = packed.max(axis=0)
-    col_min = packed.min(axis=0)
-    idx, starts, sizes = layout.index["active"], layout.starts["active"], layout.sizes["active"]
-    col_active = col_mean[idx]  # (sum C,) per channel active share
-    dead_mask = col_max[layout.index["max"]] <= 0  # exact: no y > 0 anywhere in the batch
-    inactive = (1.0 - np.add.reduceat(col_active, starts) / sizes).tolist()
-    means = np.add.reduceat(col_mean[layout.index["mean"]], starts) / sizes
-    meansqs = np.add.reduceat(col_mean[layout.index["meansq"]], starts) / sizes
+    if not layers:
+        return [[] for _ in sizes]
+    # Over each request's samples for all columns (R, width), then per layer with reduceat
+    # over each layer's first column (R, layers).
+    col_mean, col_max, col_min = _per_request(packed, sizes)
+    index, starts, widths = layout.index, layout.starts["active"], layout.sizes["active"]
+    col_active = col_mean[:, index["active"]]  # (R, sum C) per channel active share
+    dead_mask = col_max[:, index["max"]] <= 0  # exact: no y > 0 anywhere in the request
+    inactive = (1.0 - np.add.reduceat(col_active, starts, axis=1) / widths).tolist()
+    means = np.add.reduceat(col_mean[:, index["mean"]], starts, axis=1) / widths
+    meansqs = np.add.reduceat(col_mean[:, index["meansq"]], starts, axis=1) / widths
     with np.errstate(invalid="ignore", over="ignore"):
-        variances = (meansqs - means * means).tolist()
-    maxima = np.maximum.reduceat(col_max[layout.index["max"]], starts).tolist()
-    dead_counts = np.add.reduceat(dead_mask, starts).tolist()
-    zero_seen = (np.minimum.reduceat(col_min[idx], starts) < 1.0).tolist()
-    minima, saturated = {}, {}
-    if "min" in layout.index:
-        values = np.minimum.reduceat(col_min[layout.index["min"]], layout.starts["min"])
-        minima = dict(zip(layout.columns["min"], values.tolist(), strict=True))
-    if "saturated" in layout.index:
-        sat = col_mean[layout.index["saturated"]]
-        values = np.add.reduceat(sat, layout.starts["saturated"]) / layout.sizes["saturated"]
-        saturated = dict(zip(layout.columns["saturated"], values.tolist(), strict=True))
-    batch_mins = batch_mins or {}
+        variances = meansqs - means * means
+        stds = np.sqrt(np.maximum(variances, 0.0))
+    stds_list = np.where(np.isfinite(variances), stds, np.nan).tolist()
+    maxima = np.maximum.reduceat(col_max[:, index["max"]], starts, axis=1).tolist()
+    dead_counts = np.add.reduceat(dead_mask, starts, axis=1, dtype=np.int64).tolist()
+    zero_seen = (np.minimum.reduceat(col_min[:, index["active"]], starts, axis=1) < 1.0).tolist()
+    minima = _per_layer(np.minimum, col_min, layout, "min")
+    saturated = _per_layer(np.add, col_mean, layout, "saturated")
+    means_list = means.tolist()
+    dead_channels = _dead_channels(dead_mask, starts)
+    structural_min = [not layer.needs_min_output for layer in layers]
     results = []
-    for i, layer in enumerate(layers):
-        cols = layout.columns["active"][layer.name]
-        if layer.needs_min_output:
-            minimum = minima[layer.name]
-        else:
-            minimum = 0.0 if zero_seen[i] else batch_mins.get(layer.name)
-        var = variances[i]
-        results.append(
-            LayerStats(
-                name=layer.name,
-                kind=layer.kind,
-                channels=layer.channels,
-                inactive_fraction=inactive[i],
-                dead_units=int(dead_counts[i]),
-                dead_channels=np.flatnonzero(dead_mask[cols]).tolist() if dead_counts[i] else [],
-                mean=float(means[i]),
-                std=float(np.sqrt(max(var, 0.0))) if np.isfinite(var) else None,
-                min=None if minimum is None else float(minimum),
-                max=float(maxima[i]),
-                saturated_fraction=saturated.get(layer.name),
-                channel_activity=col_active[cols].tolist() if channels else None,
-                samples=n,
+    for r, n in enumerate(sizes):
+        unknown = [
+            layer
+            for layer, structural, seen in zip(layers, structural_min, zero_seen[r], strict=True)
+            if structural and not seen
+        ]
+        measured = (measure_min(r, unknown) if unknown and measure_min else None) or {}
+        summary = []
+        for i, layer in enumerate(layers):
+            name = layer.name
+            if structural_min[i]:
+                minimum = 0.0 if zero_seen[r][i] else measured.get(name)
+            else:
+                minimum = minima[name][r]
+            std = stds_list[r][i]
+            summary.append(
+                LayerStats(
+                    name=name,
+                    kind=layer.kind,
+                    channels=layer.channels,
+                    inactive_fraction=inactive[r][i],
+                    dead_units=dead_counts[r][i],
+                    dead_channels=dead_channels.get((r, i), []),
+                    mean=means_list[r][i],
+                    std=None if std != std else std,  # NaN: y*y overflowed float32
+                    min=minimum,
+                    max=maxima[r][i],
+                    saturated_fraction=saturated[name][r] if name in saturated else None,
+                    channel_activity=(
+                        col_active[r, layout.columns["active"][name]].tolist()
+                        if channels[r]
+                        else None
+                    ),
+                    samples=int(n),
+                )
             )
-        )
+        results.append(summary)
     return results
+
+
+def _per_request(packed: np.ndarray, sizes: Sequence[int]) -> tuple[np.ndarray, ...]:
+    """Column means (float64), maxima and minima of each request's rows: (R, width) each.
+    One-sample requests (the usual case under load) are their own rows; numpy's reduceat
+    over rows is slow (~300 us for 32 groups of a ResNet-20's columns), one call per request
+    is not."""
+    if len(sizes) == packed.shape[0]:
+        return packed.astype(np.float64), packed, packed
+    if len(sizes) == 1:
+        return (
+            packed.sum(axis=0, dtype=np.float64, keepdims=True) / packed.shape[0],
+            packed.max(axis=0, keepdims=True),
+            packed.min(axis=0, keepdims=True),
+        )
+    bounds = np.cumsum([0, *sizes]).tolist()
+    parts = [packed[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return (
+        np.stack([p.sum(axis=0, dtype=np.float64) / p.shape[0] for p in parts]),
+        np.stack([p.max(axis=0) for p in parts]),
+        np.stack([p.min(axis=0) for p in parts]),
+    )
+
+
+def _dead_channels(dead: np.ndarray, starts: np.ndarray) -> dict[tuple[int, int], list[int]]:
+    """(request, layer) -> that layer's dead channel indices, for the pairs that have any,
+    from the (R, sum C) dead mask and each layer's first column."""
+    rows, cols = np.nonzero(dead)  # row-major: by request, then column (so by layer)
+    if not rows.size:
+        return {}
+    layer = np.searchsorted(starts, cols, side="right") - 1
+    local = (cols - starts[layer]).tolist()
+    key = rows * len(starts) + layer  # one run of equal keys per (request, layer)
+    cuts = [0, *(np.flatnonzero(np.diff(key)) + 1).tolist(), len(local)]
+    keys = key.tolist()
+    return {
+        divmod(keys[a], len(starts)): local[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)
+    }
+
+
+def _per_layer(
+    ufunc: np.ufunc, columns: np.ndarray, layout: StatsLayout, stat: str
+) -> dict[str, list[float]]:
+    """Layer name -> per-request reduction (``np.minimum`` or the mean for ``np.add``) of
+    ``stat``, for the layers that have it."""
+    if stat not in layout.index:
+        return {}
+    values = ufunc.reduceat(columns[:, layout.index[stat]], layout.starts[stat], axis=1)
+    if ufunc is np.add:
+        values = values / layout.sizes[stat]
+    return dict(zip(layout.columns[stat], values.T.tolist(), strict=True))

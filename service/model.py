@@ -17,7 +17,7 @@ import hashlib
 import logging
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,15 +29,15 @@ from onnx import helper, numpy_helper
 from pydantic import ValidationError
 
 from service.instrument import (
+    STATS_OUTPUT,
     ActivationNode,
     LayerStats,
     StatsLayout,
     find_activation_nodes,
     infer_tensor_shapes,
     instrument_model,
-    layers_without_zero,
     per_sample_active,
-    summarize_layers,
+    summarize_requests,
 )
 from service.metadata import ModelMetadata, Preprocessing, ReferenceProfile
 from service.runtime import ProviderChoice, providers_in_use, resolve_providers, session_options
@@ -81,7 +81,7 @@ class RunResult:
     logits: np.ndarray  # (N, K) float32: the model's raw output
     probabilities: np.ndarray  # (N, K) float32
     layer_stats: list[LayerStats] | None = None
-    per_sample_active: dict[str, np.ndarray] | None = None  # layer -> (N, C) active rates
+    per_sample_active: Mapping[str, np.ndarray] | None = None  # layer -> (N, C) active rates
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -418,28 +418,8 @@ class LoadedModel:
                 f"unknown statistics option {stats!r}; choose one of {', '.join(STATS_MODES)}"
             )
         x = self.validate_input(x)
-        feeds = {self.input_name: x}
-        if stats == "none":
-            (raw,) = self.plain_session.run([self.output_name], feeds)
-            return RunResult(logits=raw, probabilities=self._probabilities(raw))
-        if self.stats_session is None:
-            raise ModelInputError(f"model {self.name!r}: {self.stats_error}")
-        if not self.layers:  # nothing to observe (a model without activation layers)
-            (raw,) = self.plain_session.run([self.output_name], feeds)
-            return RunResult(raw, self._probabilities(raw), layer_stats=[], per_sample_active={})
-        values = self.stats_session.run([self.output_name, *self._stat_fetches], feeds)
-        raw = values[0]
-        outputs = dict(zip(self._stat_fetches, values[1:], strict=True))
-        unknown_min = layers_without_zero(self.layers, self.layout, outputs)
-        mins = self._exact_minimum(x, unknown_min) if unknown_min else None
-        return RunResult(
-            logits=raw,
-            probabilities=self._probabilities(raw),
-            layer_stats=summarize_layers(
-                self.layers, self.layout, outputs, channels=stats == "channels", batch_mins=mins
-            ),
-            per_sample_active=per_sample_active(self.layers, self.layout, outputs),
-        )
+        (result,) = self.run_split(x, [x.shape[0]], [stats])
+        return result
 
     def run_split(
         self, x: np.ndarray, sizes: Sequence[int], stats: Sequence[str]
@@ -449,12 +429,10 @@ class LoadedModel:
 
         The dynamic batcher calls this with inputs already checked by ``validate_input``, all
         plain (``"none"``) or all with statistics; statistics are summarised per request over
-        its own samples, as if it had run alone. A lone request is simply ``run``.
+        its own samples, as if it had run alone.
         """
-        if len(sizes) == 1:
-            return [self.run(x, stats[0])]
-        bounds = np.cumsum([0, *sizes])
-        parts = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        bounds = np.cumsum([0, *sizes]).tolist()
+        parts = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         feeds = {self.input_name: x}
         plain = stats[0] == "none"  # the batcher never mixes plain and statistics requests
         if not plain and self.stats_session is None:
@@ -467,26 +445,20 @@ class LoadedModel:
             return [RunResult(raw[p], probs[p], [], {}) for p in parts]  # no layers to observe
         values = self.stats_session.run([self.output_name, *self._stat_fetches], feeds)
         raw, probs = values[0], self._probabilities(values[0])
-        results = []
-        for p, level in zip(parts, stats, strict=True):
-            outputs = {k: v[p] for k, v in zip(self._stat_fetches, values[1:], strict=True)}
-            unknown_min = layers_without_zero(self.layers, self.layout, outputs)
-            mins = self._exact_minimum(x[p], unknown_min) if unknown_min else None
-            results.append(
-                RunResult(
-                    logits=raw[p],
-                    probabilities=probs[p],
-                    layer_stats=summarize_layers(
-                        self.layers,
-                        self.layout,
-                        outputs,
-                        channels=level == "channels",
-                        batch_mins=mins,
-                    ),
-                    per_sample_active=per_sample_active(self.layers, self.layout, outputs),
-                )
-            )
-        return results
+        outputs = dict(zip(self._stat_fetches, values[1:], strict=True))
+        summaries = summarize_requests(
+            self.layers,
+            self.layout,
+            outputs[STATS_OUTPUT],
+            sizes,
+            [level == "channels" for level in stats],
+            lambda request, layers: self._exact_minimum(x[parts[request]], layers),
+        )
+        active = per_sample_active(self.layers, self.layout, outputs)
+        return [
+            RunResult(raw[p], probs[p], summary, active.rows(p))
+            for p, summary in zip(parts, summaries, strict=True)
+        ]
 
     def _probabilities(self, raw: np.ndarray) -> np.ndarray:
         if self.output_kind == "probabilities":

@@ -1,7 +1,7 @@
 """Live activation monitor of one model: rolling sparsity, dead units and drift.
 
 Fed with the per-sample per-channel active rates (N, C) of every request that ran the
-statistics session; keeps the last ``window`` samples of each layer in a ring buffer (numpy,
+statistics session; keeps the last ``window`` samples of all layers in one ring buffer (numpy,
 no per-element Python loops) and summarises them on demand. Thread-safe.
 
 Drift, per layer: the mean over channels of |p_c - q_c|, where p_c is channel c's active rate
@@ -22,6 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
+from service.instrument import LayerActivity
 from service.metadata import ReferenceProfile
 
 # Default drift threshold. On the test fixtures, two independent 64-sample batches from the
@@ -89,8 +90,15 @@ class ActivationMonitor:
                     self._reference_rates[name] = np.asarray(
                         profile.channel_activity, dtype=np.float64
                     )
+        # All layers' channels side by side in one ring, as the statistics session packs
+        # them: a request adds one block of rows, not one per layer.
+        self._columns: dict[str, slice] = {}
+        width = 0
+        for name, channels in self._channels.items():
+            self._columns[name] = slice(width, width + channels)
+            width += channels
         self._lock = threading.Lock()
-        self._rings = {name: _Ring(window, c) for name, c in self._channels.items()}
+        self._ring = _Ring(window, width)
 
     @property
     def layer_names(self) -> list[str]:
@@ -98,29 +106,47 @@ class ActivationMonitor:
         return list(self._channels)
 
     def update(self, per_sample_active: Mapping[str, np.ndarray]) -> None:
-        """Add one batch: layer name -> (N, C) active rates; unknown layers are ignored."""
-        checked = {}
-        for name, rows in per_sample_active.items():
-            if name not in self._channels:
-                continue
-            rows = np.asarray(rows, dtype=np.float32)
+        """Add one batch: layer name -> (N, C) active rates, for every monitored layer (other
+        layers are ignored; a batch with none of ours adds nothing)."""
+        if isinstance(per_sample_active, LayerActivity) and (
+            per_sample_active.columns is self._columns or per_sample_active.columns == self._columns
+        ):
+            rows = per_sample_active.array  # already packed in our column order
+        else:
+            rows = self._pack(per_sample_active)
+            if rows is None:
+                return
+        with self._lock:
+            self._ring.push(rows)
+
+    def _pack(self, per_sample_active: Mapping[str, np.ndarray]) -> np.ndarray | None:
+        """The (N, sum C) block of a mapping of layer -> (N, C) rates, checked."""
+        known = [name for name in self._channels if name in per_sample_active]
+        if not known:
+            return None
+        if len(known) != len(self._channels):
+            missing = [name for name in self._channels if name not in per_sample_active]
+            raise ValueError(f"active rates missing for layers {missing}")
+        blocks = []
+        for name in known:
+            rows = np.asarray(per_sample_active[name], dtype=np.float32)
             if rows.ndim != 2 or rows.shape[1] != self._channels[name]:
                 raise ValueError(
                     f"layer {name!r}: expected (N, {self._channels[name]}) active rates, "
                     f"got shape {rows.shape}"
                 )
-            checked[name] = rows
-        with self._lock:
-            for name, rows in checked.items():
-                self._rings[name].push(rows)
+            blocks.append(rows)
+        if len({rows.shape[0] for rows in blocks}) != 1:
+            raise ValueError("active rates of one batch must have the same rows in every layer")
+        return np.concatenate(blocks, axis=1)
 
     def reset(self) -> None:
         """Forget every sample seen."""
         with self._lock:
-            self._rings = {name: _Ring(self.window, c) for name, c in self._channels.items()}
+            self._ring = _Ring(self.window, self._ring.buffer.shape[1])
 
     def _layer_snapshot(self, name: str, ring: _Ring) -> dict:
-        rows = ring.valid()  # (n, C), n <= window
+        rows = ring.valid()[:, self._columns[name]]  # (n, C), n <= window
         full = ring.seen >= self.window
         if rows.shape[0]:
             activity = rows.mean(axis=0, dtype=np.float64)  # (C,)
@@ -164,7 +190,7 @@ class ActivationMonitor:
         ``reference_inactive_fraction``.
         """
         with self._lock:
-            layers = [self._layer_snapshot(name, ring) for name, ring in self._rings.items()]
+            layers = [self._layer_snapshot(name, self._ring) for name in self._channels]
         drifts = [layer["drift"] for layer in layers if layer["drift"] is not None]
         seen = min((layer["samples_seen"] for layer in layers), default=0)
         return {

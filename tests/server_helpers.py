@@ -33,7 +33,7 @@ def uvicorn_server(
     args: Sequence[str] = (),
     stop_timeout: float = 20,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """``(url, process)`` of ``uvicorn service.main:app`` serving ``model_root`` on a free
+    """``(url, process)`` of ``python -m service`` (uvicorn) serving ``model_root`` on a free
     127.0.0.1 port, once ``/health/ready`` answers 200. ``env`` adds RELU_SERVE_* settings
     (one intra-op thread and warning logs unless given). On exit a process still running gets
     SIGTERM, and is killed if it has not stopped within ``stop_timeout``."""
@@ -45,7 +45,7 @@ def uvicorn_server(
         **(env or {}),
         "RELU_SERVE_MODEL_ROOT": str(model_root),
     }
-    command = [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1"]
+    command = [sys.executable, "-m", "service", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--no-access-log", *args]
     process = subprocess.Popen(
         command, cwd=REPO_ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT

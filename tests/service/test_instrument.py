@@ -20,6 +20,7 @@ from service.instrument import (
     layer_stat_names,
     per_sample_active,
     summarize_layers,
+    summarize_requests,
 )
 from service.metadata import ACTIVATION_KINDS, ActivationLayer, ModelMetadata
 from tests.service.conftest import (
@@ -187,6 +188,45 @@ def test_dead_channel_is_found_exactly(dead_channel_model_path: Path) -> None:
     first = summarize_layers(layers, StatsLayout.of(layers), outputs)[0]
     assert first.dead_channels == [0]
     assert first.dead_units == 1
+
+
+def test_requests_in_one_batch_are_summarized_each_over_its_own_samples(
+    tiny_cnn_path: Path,
+) -> None:
+    model = onnx.load(str(tiny_cnn_path))
+    layers = find_activation_nodes(model)
+    layout = StatsLayout.of(layers)
+    x = reference_inputs(6, seed=5)
+    packed = run_instrumented(model, layers, x)[STATS_OUTPUT]
+    # Request 1 sees a first layer with no inactive element: its ReLU minimum is not
+    # structural, so only that request's minimum is probed.
+    active = layout.blocks[(layers[0].name, "active")]
+    packed[3:5, active] = 1.0
+    asked = []
+
+    def probe(request: int, missing: list[ActivationNode]) -> dict[str, float]:
+        asked.append((request, [layer.name for layer in missing]))
+        return {layer.name: 0.5 for layer in missing}
+
+    sizes, channels = [3, 2, 1], [True, False, True]
+    merged = summarize_requests(layers, layout, packed, sizes, channels, probe)
+    assert asked == [(1, [layers[0].name])]
+    start = 0
+    for size, wants_channels, got in zip(sizes, channels, merged, strict=True):
+        alone = summarize_layers(
+            layers,
+            layout,
+            {STATS_OUTPUT: packed[start : start + size]},
+            channels=wants_channels,
+            batch_mins={layers[0].name: 0.5},
+        )
+        assert [s.to_dict() for s in got] == [s.to_dict() for s in alone]
+        assert all(s.samples == size for s in got)
+        start += size
+    assert merged[1][0].min == 0.5
+    assert merged[1][0].inactive_fraction == 0.0
+    assert merged[0][0].min == 0.0
+    assert "channel_activity" not in merged[1][0].to_dict()
 
 
 def test_original_outputs_stay_first_and_unchanged(tiny_cnn_path: Path) -> None:

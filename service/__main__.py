@@ -1,0 +1,28 @@
+"""``python -m service [uvicorn options]``: uvicorn serving ``service.main:app`` with the
+service's HTTP protocol (``service.http``: one system call per response).
+
+Every uvicorn option works as on uvicorn's own command line (``--host``, ``--port``,
+``--workers``, ``--log-level``, ``--reload``, ...); a later ``--http`` overrides ours.
+``uvicorn service.main:app`` serves the same app with uvicorn's stock protocol.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import uvicorn.main
+
+APP = "service.main:app"
+HTTP_PROTOCOL = "service.http:HttpToolsProtocol"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run uvicorn's command line with our app and protocol first."""
+    args = sys.argv[1:] if argv is None else argv
+    if "--help" in args:
+        sys.stdout.write(__doc__.replace("``", "`").strip() + "\n\n")
+    uvicorn.main.main([APP, "--http", HTTP_PROTOCOL, *args], prog_name="python -m service")
+
+
+if __name__ == "__main__":
+    main()
