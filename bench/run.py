@@ -8,10 +8,11 @@ Rows, for the default model (digits, 1x8x8) and a ResNet-20 (3x32x32, random wei
 by bench/make_models.py), each at 1, 8 and 64 concurrent clients:
 
 1. ``raw``: onnxruntime in-process, batch 1 and batched (the limit: best of batch 32/64,
-   2 threads, spinning on or off), images/s;
+   one session of 2 threads spinning on or off, or two 1-thread runs side by side), images/s;
 2. ``noop``: FastAPI + uvicorn, one route that reads the body and answers a fixed JSON (the
    HTTP ceiling), same uvicorn options, HTTP protocol (``service.http``) and worker count as
-   ours (``python -m service``);
+   ours (``python -m service``); ``noop-stock``, the same on uvicorn's own protocol, for
+   reference;
 3. ``naive``: FastAPI + onnxruntime, pydantic model with JSON lists, one ``session.run`` per
    request (bench/apps/naive.py), the baseline;
 4. ``litserve`` and ``bentoml`` serving the same ONNX file with their batching, from the
@@ -184,34 +185,53 @@ def our_requests(model: str, input_name: str, x: np.ndarray) -> dict[str, Reques
 
 
 def measure_raw(model_path: Path, x: np.ndarray, seconds: float) -> dict[str, Any]:
-    """Images/s of onnxruntime alone: batch 1 and batched (best of 32/64, spinning on/off)."""
+    """Images/s of onnxruntime alone: batch 1 and batched (best of 32/64; one session of two
+    intra-op threads, spinning on or off, or two one-thread runs side by side)."""
     import onnxruntime as ort
 
-    def rate(session: ort.InferenceSession, batch: np.ndarray) -> float:
-        """The best of 0.25 s windows: the limit, robust to other work on a shared host."""
-        name = session.get_inputs()[0].name
+    def session(threads: int, spinning: str) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+        options.log_severity_level = 3
+        return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+
+    def rate(session: ort.InferenceSession, batch: np.ndarray, runners: int = 1) -> float:
+        """The best of 0.25 s windows: the limit, robust to other work on a shared host;
+        ``runners`` threads call ``run`` side by side."""
+        feeds = {session.get_inputs()[0].name: batch}
         for _ in range(3):
-            session.run(None, {name: batch})
+            session.run(None, feeds)
+
+        def window(counts: list[int], i: int, until: float) -> None:
+            while time.perf_counter() < until:
+                session.run(None, feeds)
+                counts[i] += 1
+
         best, end = 0.0, time.perf_counter() + seconds
         while time.perf_counter() < end:
-            n, start = 0, time.perf_counter()
-            while (elapsed := time.perf_counter() - start) < 0.25:
-                session.run(None, {name: batch})
-                n += 1
-            best = max(best, n * batch.shape[0] / elapsed)
+            counts, start = [0] * runners, time.perf_counter()
+            threads = [
+                threading.Thread(target=window, args=(counts, i, start + 0.25))
+                for i in range(runners)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            best = max(best, sum(counts) * batch.shape[0] / (time.perf_counter() - start))
         return best
 
     results: dict[str, Any] = {"batch1": {}, "batched": {}}
     for spinning in ("1", "0"):
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 2
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-        results["batch1"][f"spin{spinning}"] = rate(session, x)
+        two_threads = session(2, spinning)
+        results["batch1"][f"spin{spinning}"] = rate(two_threads, x)
         for size in (32, 64):
-            results["batched"][f"b{size}_spin{spinning}"] = rate(session, np.repeat(x, size, 0))
+            results["batched"][f"b{size}_spin{spinning}"] = rate(two_threads, np.repeat(x, size, 0))
+    one_thread = session(1, "1")
+    for size in (32, 64):
+        results["batched"][f"b{size}_2x1thread"] = rate(one_thread, np.repeat(x, size, 0), 2)
     results["batch1_ips"] = max(results["batch1"].values())
     results["batched_ips"] = max(results["batched"].values())
     return results
@@ -362,11 +382,14 @@ def build_servers(
     uvicorn = [PY, "-m", "uvicorn", *options]
     # The ceiling runs on the same stack as ours: uvicorn with our HTTP protocol.
     noop = Server("noop", [*uvicorn, "--http", HTTP_PROTOCOL, "bench.apps.noop:app"], {}, "/health")
-    for m in models:
-        noop.requests[f"{m}:binary"] = Request(
-            "/noop", {"Content-Type": "application/octet-stream"}, inputs[m][1].tobytes()
-        )
-    servers.append(noop)
+    # For reference: the same no-op on uvicorn's own protocol (two writes per response).
+    stock = Server("noop-stock", [*uvicorn, "bench.apps.noop:app"], {}, "/health")
+    for server in (noop, stock):
+        for m in models:
+            server.requests[f"{m}:binary"] = Request(
+                "/noop", {"Content-Type": "application/octet-stream"}, inputs[m][1].tobytes()
+            )
+        servers.append(server)
     ours_env = {
         "RELU_SERVE_MODEL_ROOT": str(repo),
         "RELU_SERVE_LOG_LEVEL": "warning",
@@ -573,10 +596,6 @@ def check_figures(result: dict[str, Any]) -> list[dict[str, Any]]:
     r64 = _find(result, "ours", "resnet20", 64, best)
     if r64:
         add("resnet20 64 clients: x raw batched", r64["x_raw"], 0.8)
-        # The service runs onnxruntime without spinning (runtime.session_options): the limit
-        # for the same session options, for reference.
-        spin0 = max(v for k, v in result["raw"]["resnet20"]["batched"].items() if "spin0" in k)
-        add("resnet20 64 clients: x raw batched, no spinning", r64["rps"] / spin0, 0.8)
         add("resnet20 64 clients: x naive", r64["x_naive"], 2.5)
         add("resnet20 64 clients: p99 / p50", r64["p99_ms"] / r64["p50_ms"], 3.0, higher=False)
         stats = _find(result, "ours", "resnet20", 64, f"{best}+stats")
@@ -585,6 +604,9 @@ def check_figures(result: dict[str, Any]) -> list[dict[str, Any]]:
     d64 = _find(result, "ours", "digits", 64, best)
     if d64:
         add("digits 64 clients: x noop", d64["x_noop"], 0.8)
+        stock = _find(result, "noop-stock", "digits", 64)
+        if stock:  # for reference: the ceiling with uvicorn's own protocol
+            add("digits 64 clients: x noop on stock uvicorn", d64["rps"] / stock["rps"], 0.8)
         add("digits 64 clients: x naive", d64["x_naive"], 3.0)
     for model in MODELS:
         ours1 = _find(result, "ours", model, 1, best)

@@ -288,8 +288,7 @@ class DataPlane:
     def _record_batch(self, report: BatchReport) -> None:
         """Metrics of one finished run: run time, samples per run, each request's wait."""
         name = report.model.name
-        for wait in report.queue_seconds:
-            self.metrics.queue_seconds.observe(wait, model=name)
+        self.metrics.queue_seconds.observe_many(report.queue_seconds, model=name)
         self.metrics.inference_seconds.observe(
             report.run_seconds, model=name, version=report.model.version, stats=report.stats
         )

@@ -172,16 +172,22 @@ class Histogram(_Metric):
 
     def observe(self, value: float, **labels: object) -> None:
         """Count one observation."""
+        self.observe_many((value,), **labels)
+
+    def observe_many(self, values: Iterable[float], **labels: object) -> None:
+        """Count several observations of the same child (one label lookup, one lock)."""
         key = self._key(labels)
+        buckets, top = self.buckets, len(self.buckets)
         with self._lock:
             child = self._children.get(key)
             if child is None:
-                child = self._children[key] = _HistogramChild([0] * len(self.buckets))
-            i = bisect_left(self.buckets, value)  # the first bound >= value
-            if i < len(self.buckets):
-                child.counts[i] += 1
-            child.total += value
-            child.count += 1
+                child = self._children[key] = _HistogramChild([0] * top)
+            for value in values:
+                i = bisect_left(buckets, value)  # the first bound >= value
+                if i < top:
+                    child.counts[i] += 1
+                child.total += value
+                child.count += 1
 
     def count(self, **labels: object) -> int:
         """How many observations the child with these labels has."""

@@ -163,6 +163,23 @@ def test_registry_refuses_misuse() -> None:
         Histogram("h", "H.", ("le",))
 
 
+def test_histogram_buckets_and_bulk_observations() -> None:
+    one_by_one = Histogram("h", "H.", ("m",), buckets=(0.1, 1.0))
+    bulk = Histogram("h", "H.", ("m",), buckets=(0.1, 1.0))
+    values = [0.05, 0.1, 0.5, 1.0, 7.0]  # a bound belongs to its own bucket (le)
+    for value in values:
+        one_by_one.observe(value, m="a")
+    bulk.observe_many(values, m="a")
+    assert one_by_one.samples() == bulk.samples()
+    lines = dict(line.rsplit(" ", 1) for line in bulk.samples())
+    assert lines['h_bucket{m="a",le="0.1"}'] == "2"
+    assert lines['h_bucket{m="a",le="1"}'] == "4"
+    assert lines['h_bucket{m="a",le="+Inf"}'] == "5"
+    assert lines['h_count{m="a"}'] == "5"
+    with pytest.raises(ValueError, match="takes labels"):
+        bulk.observe_many([1.0], other="a")
+
+
 @pytest.mark.parametrize(
     ("value", "text"),
     [(1.0, "1"), (0.25, "0.25"), (float("inf"), "+Inf"), (float("-inf"), "-Inf"), (3, "3")],
