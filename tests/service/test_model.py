@@ -9,9 +9,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
-from service.model import LoadedModel, ModelInputError, ModelLoadError, softmax, top_k
+from service.instrument import infer_tensor_shapes
+from service.model import (
+    LoadedModel,
+    ModelInputError,
+    ModelLoadError,
+    multiply_accumulates,
+    softmax,
+    top_k,
+)
 from tests.service.conftest import (
     make_onnx_cnn,
     numpy_layer_stats,
@@ -204,6 +212,56 @@ def test_top_k_orders_and_clips() -> None:
     assert len(top_k(probs[0], 1, labels)) == 1  # a single (K,) row
     with pytest.raises(ModelInputError, match="at least 1"):
         top_k(probs, 0, labels)
+
+
+@pytest.mark.parametrize("shape", [(2, 10), (4, 300)])  # Python's sort, then numpy's
+def test_top_k_is_a_stable_descending_order(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(0)
+    probs = rng.integers(0, 5, shape).astype(np.float32) / 4  # many ties
+    labels = [f"l{i}" for i in range(shape[1])]
+    ranked = top_k(probs, 7, labels)
+    want = np.argsort(-probs, axis=1, kind="stable")[:, :7]  # ties keep label order
+    assert [[r["index"] for r in row] for row in ranked] == want.tolist()
+    assert [[r["probability"] for r in row] for row in ranked] == np.take_along_axis(
+        probs, want, 1
+    ).tolist()
+
+
+def conv_classifier(channels: int, size: int) -> onnx.ModelProto:
+    """Conv 3x3 (padded, 1 -> ``channels``) -> ReLU -> global average -> Gemm to 10."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((channels, 1, 3, 3)).astype(np.float32)
+    fc = rng.standard_normal((10, channels)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(fc, "fc")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize(("channels", "size", "threads"), [(4, 8, 1), (64, 96, 2)])
+def test_small_models_run_on_one_intra_op_thread(
+    tmp_path: Path, channels: int, size: int, threads: int
+) -> None:
+    model = conv_classifier(channels, size)
+    expected = channels * size * size * 9 + 10 * channels  # 9 per conv output; Gemm 10 x C
+    assert multiply_accumulates(model, infer_tensor_shapes(model)) == expected
+    path = save_model(model, tmp_path / "m" / "1" / "model.onnx")
+    loaded = LoadedModel.load(path, "m", "1", threads=2)
+    for session in (loaded.plain_session, loaded.stats_session):
+        assert session.get_session_options().intra_op_num_threads == threads
 
 
 def test_softmax_is_stable_for_large_scores() -> None:
