@@ -73,7 +73,8 @@ class ServiceSettings(BaseSettings):
 
     intra_op_threads: int = Field(default_factory=_default_threads, ge=1)
     """onnxruntime intra-op threads per session; defaults to the CPUs the container really has
-    (cgroup CPU quota and affinity, not the host's core count)."""
+    (cgroup CPU quota and affinity, not the host's core count). Models under
+    ``service.model.SMALL_MODEL_MACS`` multiply-accumulates per sample use one."""
 
     inference_workers: int = Field(default=1, ge=1, le=64)
     """Inference threads per model version, each running one (batched) run at a time, off the
