@@ -150,6 +150,12 @@ def test_bad_updates_and_settings() -> None:
         monitor.update({"a": np.zeros((3, 4))})
     monitor.update({"unknown": np.zeros((3, 4))})  # other layers are ignored
     assert monitor.snapshot()["samples_seen"] == 0
+    two = ActivationMonitor([layer("a", 2), layer("b", 1)], None, window=3)
+    with pytest.raises(ValueError, match=r"missing for layers \['b'\]"):
+        two.update({"a": np.zeros((3, 2))})  # every layer of a batch, or none
+    with pytest.raises(ValueError, match="same rows in every layer"):
+        two.update({"a": np.zeros((3, 2)), "b": np.zeros((2, 1))})
+    assert two.snapshot()["samples_seen"] == 0  # nothing half-added
     with pytest.raises(ValueError, match="at least 1 sample"):
         ActivationMonitor([], None, window=0)
     with pytest.raises(ValueError, match=r"in \(0, 1\]"):
