@@ -19,6 +19,10 @@ preferred sizes:
 
 If a merged run fails, each of its requests is run again alone, so one bad input cannot fail
 the others it was batched with. Nothing here knows about HTTP.
+
+``inline=True`` (small models, ``DataPlane``) runs the batches on the event loop instead: a
+request finding the batcher idle schedules the run for the end of the current loop step, so
+the requests that arrive in that step share it; no thread hand-off, no wake-ups.
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ class ModelBatcher:
         max_queue: int = 64,
         workers: int = 1,
         on_batch: Callable[[BatchReport], None] | None = None,
+        inline: bool = False,
     ) -> None:
         self.name = name
         self.max_size = max_size
@@ -108,6 +113,8 @@ class ModelBatcher:
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix=f"infer-{name}")
         self._closed = False
         self._drained: asyncio.Event | None = None
+        self.inline = inline
+        self._dispatch_pending = False
 
     # ---------------------------------------------------------------- state
 
@@ -139,7 +146,11 @@ class ModelBatcher:
         key = ("none" if stats == "none" else "stats", x.shape[1:], x.dtype)
         self._queue.append(_Request(model, x, stats, key, future, time.perf_counter()))
         if self._in_flight < self.workers:
-            if self._timer is None:
+            if self.inline:
+                if not self._dispatch_pending:  # at the end of this loop step, with the
+                    self._dispatch_pending = True  # requests that arrive in it
+                    loop.call_soon(self._dispatch)
+            elif self._timer is None:
                 self._dispatch()  # idle: a lone request runs at once
             elif self._queued_samples(key) >= self.max_size:
                 self._timer.cancel()  # the batch is full: no reason to wait longer
@@ -181,12 +192,16 @@ class ModelBatcher:
 
     def _dispatch(self) -> None:
         """Start runs while a worker is free and requests wait (on the event loop)."""
+        self._dispatch_pending = False
         while self._in_flight < self.workers:
             batch = self._take_batch()
             if not batch:
                 break
             self._in_flight += 1
             self._running_requests += len(batch)
+            if self.inline:
+                self._finish(batch, *self._compute(batch), reschedule=False)
+                continue
             try:
                 self._executor.submit(self._work, batch)
             except RuntimeError:  # the executor shut down under us
@@ -220,6 +235,15 @@ class ModelBatcher:
 
     def _work(self, batch: list[_Request]) -> None:
         """In the inference thread: one run for the batch, then hand the results back."""
+        outcomes, seconds = self._compute(batch)
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(self._finish, batch, outcomes, seconds)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            logger.debug("model %s: event loop closed before a run finished", self.name)
+
+    def _compute(self, batch: list[_Request]) -> tuple[list[RunResult | BaseException], float]:
+        """One run for the batch: each request's outcome, and the run's seconds."""
         started = time.perf_counter()
         for request in batch:
             request.started = started
@@ -231,12 +255,7 @@ class ModelBatcher:
             outcomes = list(model.run_split(x, [r.size for r in batch], [r.stats for r in batch]))
         except Exception as exc:  # noqa: BLE001 - handed to the waiting requests
             outcomes = self._run_alone(batch) if len(batch) > 1 else [exc]
-        finished = time.perf_counter()
-        assert self._loop is not None
-        try:
-            self._loop.call_soon_threadsafe(self._finish, batch, outcomes, finished - started)
-        except RuntimeError:  # the loop is closed: nobody waits any more
-            logger.debug("model %s: event loop closed before a run finished", self.name)
+        return outcomes, time.perf_counter() - started
 
     @staticmethod
     def _run_alone(batch: list[_Request]) -> list[RunResult | BaseException]:
@@ -250,9 +269,15 @@ class ModelBatcher:
         return outcomes
 
     def _finish(
-        self, batch: list[_Request], outcomes: list[RunResult | BaseException], seconds: float
+        self,
+        batch: list[_Request],
+        outcomes: list[RunResult | BaseException],
+        seconds: float,
+        *,
+        reschedule: bool = True,
     ) -> None:
-        """On the event loop: resolve each request's future, report, start the next run."""
+        """On the event loop: resolve each request's future, report, start the next run
+        (unless ``_dispatch`` itself goes on)."""
         self._in_flight -= 1
         self._running_requests -= len(batch)
         for request, outcome in zip(batch, outcomes, strict=True):
@@ -262,7 +287,8 @@ class ModelBatcher:
                 request.future.set_exception(outcome)
             else:
                 request.future.set_result(outcome)
-        self._schedule()
+        if reschedule:
+            self._schedule()
         if self._on_batch is not None:
             levels = {r.stats for r in batch}
             level = "channels" if "channels" in levels else batch[0].stats

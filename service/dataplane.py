@@ -249,6 +249,7 @@ class DataPlane:
                 max_queue=self.settings.max_queue_length,
                 workers=self.settings.inference_workers,
                 on_batch=self._record_batch,
+                inline=model.small and self.settings.inline_small_models,
             )
             self._batchers[model] = batcher
         return batcher

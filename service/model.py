@@ -218,6 +218,7 @@ class LoadedModel:
         sha256: str,
         session_factory,
         shared_values: dict[str, ort.OrtValue],
+        macs: int | None = None,
     ):
         self.name = name
         self.version = version
@@ -241,6 +242,12 @@ class LoadedModel:
         self._lock = threading.Lock()
         self.layout = StatsLayout.of(layers)
         self._stat_fetches = self.layout.outputs
+        self.macs = macs  # multiply-accumulates per sample, None if unknown
+
+    @property
+    def small(self) -> bool:
+        """Whether a run is too short to gain from more threads (``SMALL_MODEL_MACS``)."""
+        return self.macs is not None and self.macs < SMALL_MODEL_MACS
 
     # ---- construction -------------------------------------------------------------------
 
@@ -379,6 +386,7 @@ class LoadedModel:
             sha256=sha256,
             session_factory=make_session,
             shared_values=shared,
+            macs=macs,
         )
 
     # ---- properties ---------------------------------------------------------------------

@@ -55,7 +55,10 @@ class RunRecorder:
 def with_plane(
     model_repo: Path, body: Callable[[DataPlane], Awaitable[Any]], **settings: Any
 ) -> Any:
-    """Start a data plane on the fixture repository, run ``body`` with it, stop it."""
+    """Start a data plane on the fixture repository, run ``body`` with it, stop it. The
+    tiny model runs in the inference thread unless ``inline_small_models=True`` is given
+    (the tests that hold a run need the event loop free)."""
+    settings.setdefault("inline_small_models", False)
 
     async def main() -> Any:
         plane = DataPlane(make_settings(model_repo, **settings), ServiceMetrics())
@@ -269,6 +272,70 @@ def test_a_failed_merged_run_is_retried_request_by_request(
         assert results[2].logits.shape == (1, 10)
 
     with_plane(model_repo, body)
+
+
+def test_small_models_run_on_the_event_loop_batching_one_loop_step(
+    model_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inputs = [reference_inputs(n, seed=i) for i, n in enumerate([1, 2, 1, 3])]
+
+    async def body(plane: DataPlane) -> None:
+        model = plane.get_model("tiny")
+        assert model.small
+        alone = [model.run(x, "summary") for x in inputs]
+        recorder = RunRecorder(model, monkeypatch, hold=False)
+        threads: list[int] = []
+        recorded = model.run_split
+
+        def run_split(x: np.ndarray, sizes: Any, stats: Any) -> Any:
+            threads.append(threading.get_ident())
+            return recorded(x, sizes, stats)
+
+        monkeypatch.setattr(model, "run_split", run_split)
+        # Requests made in one step of the loop share one run; a later one runs by itself.
+        first = await asyncio.gather(*(plane.infer(model, x, "summary") for x in inputs))
+        later = await plane.infer(model, inputs[0], "summary")
+        assert recorder.calls == [([1, 2, 1, 3], ["summary"] * 4), ([1], ["summary"])]
+        assert threads == [threading.get_ident()] * 2  # this thread runs the event loop
+        for result, single in zip([*first, later], [*alone, alone[0]], strict=True):
+            np.testing.assert_allclose(result.logits, single.logits, rtol=1e-5, atol=1e-6)
+            assert [s.to_dict() for s in result.layer_stats] == [
+                s.to_dict() for s in single.layer_stats
+            ]
+
+    with_plane(model_repo, body, inline_small_models=True)
+
+
+def test_an_inline_merged_run_that_fails_is_retried_request_by_request(
+    model_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inputs = [reference_inputs(1, seed=i) for i in range(3)]
+
+    async def body(plane: DataPlane) -> None:
+        model = plane.get_model("tiny")
+        real_split, real_run = model.run_split, model.run
+
+        def run_split(x: np.ndarray, sizes: Any, stats: Any) -> Any:
+            if len(sizes) > 1:
+                raise RuntimeError("onnxruntime failed on the merged batch")
+            return real_split(x, sizes, stats)
+
+        def run(x: np.ndarray, stats: str = "none") -> Any:
+            if np.array_equal(x, inputs[1]):
+                raise RuntimeError("this input breaks the model")
+            return real_run(x, stats)
+
+        monkeypatch.setattr(model, "run_split", run_split)
+        monkeypatch.setattr(model, "run", run)
+        results = await asyncio.gather(
+            *(plane.infer(model, x) for x in inputs), return_exceptions=True
+        )
+        assert results[0].logits.shape == (1, 10)
+        assert isinstance(results[1], RuntimeError)
+        assert results[2].logits.shape == (1, 10)
+        assert (await plane.infer(model, inputs[0])).logits.shape == (1, 10)  # still serving
+
+    with_plane(model_repo, body, inline_small_models=True)
 
 
 def test_batching_settings_per_model(model_repo: Path) -> None:

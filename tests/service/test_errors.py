@@ -559,7 +559,9 @@ def slow_down(model: Any, monkeypatch: pytest.MonkeyPatch, seconds: float = 0.3)
 def test_inference_over_the_time_limit_is_503(
     model_repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    app = create_app(make_settings(model_repo, request_timeout_s=0.05))
+    # A slow run in the inference thread (the tiny model's runs would otherwise be inline).
+    settings = make_settings(model_repo, request_timeout_s=0.05, inline_small_models=False)
+    app = create_app(settings)
     with TestClient(app) as client:
         restore = slow_down(app.state.plane.get_model("tiny"), monkeypatch)
         v1 = client.post(PREDICT, files={"file": ("a.png", image_bytes())})
@@ -579,7 +581,7 @@ def test_inference_over_the_time_limit_is_503(
 def test_queue_over_the_limit_is_503_with_retry_after(
     model_repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    app = create_app(make_settings(model_repo, max_queue_length=1))
+    app = create_app(make_settings(model_repo, max_queue_length=1, inline_small_models=False))
     with TestClient(app) as client:
         restore = slow_down(app.state.plane.get_model("tiny"), monkeypatch)
         body = tensor_json(reference_inputs(1))
