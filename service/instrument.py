@@ -495,10 +495,8 @@ class LayerActivity(Mapping[str, np.ndarray]):
         return LayerActivity(self.array[part], self.columns)
 
 
-def per_sample_active(
-    layers: Iterable[ActivationNode], layout: StatsLayout, outputs: Mapping[str, np.ndarray]
-) -> LayerActivity:
-    """Layer name -> (N, C) active rates (the layout's layers; ``layers`` must be those)."""
+def per_sample_active(layout: StatsLayout, outputs: Mapping[str, np.ndarray]) -> LayerActivity:
+    """Layer name -> (N, C) active rates of the layout's layers."""
     if not layout.width:
         return LayerActivity(np.zeros((0, 0), np.float32), {})
     active = outputs[STATS_OUTPUT][:, layout.index["active"]]  # (N, sum C)

@@ -145,6 +145,10 @@ def multiply_accumulates(
     return total
 
 
+def _is_small(macs: int | None) -> bool:
+    return macs is not None and macs < SMALL_MODEL_MACS
+
+
 def _real_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
     """Graph inputs that are not initializers (IR < 4 lists weights as inputs too)."""
     inits = {i.name for i in graph.initializer}
@@ -247,7 +251,7 @@ class LoadedModel:
     @property
     def small(self) -> bool:
         """Whether a run is too short to gain from more threads (``SMALL_MODEL_MACS``)."""
-        return self.macs is not None and self.macs < SMALL_MODEL_MACS
+        return _is_small(self.macs)
 
     # ---- construction -------------------------------------------------------------------
 
@@ -330,7 +334,7 @@ class LoadedModel:
             raise ModelLoadError(path, str(exc)) from exc
 
         macs = multiply_accumulates(model, shapes)
-        if macs is not None and macs < SMALL_MODEL_MACS:
+        if _is_small(macs):
             threads = 1  # see SMALL_MODEL_MACS
         choice = resolve_providers(providers, strict=strict)
         shared: dict[str, ort.OrtValue] = {}
@@ -492,7 +496,7 @@ class LoadedModel:
             [level == "channels" for level in stats],
             lambda request, layers: self._exact_minimum(x[parts[request]], layers),
         )
-        active = per_sample_active(self.layers, self.layout, outputs)
+        active = per_sample_active(self.layout, outputs)
         return [
             RunResult(raw[p], probs[p], summary, active.rows(p))
             for p, summary in zip(parts, summaries, strict=True)

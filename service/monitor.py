@@ -108,8 +108,9 @@ class ActivationMonitor:
     def update(self, per_sample_active: Mapping[str, np.ndarray]) -> None:
         """Add one batch: layer name -> (N, C) active rates, for every monitored layer (other
         layers are ignored; a batch with none of ours adds nothing)."""
-        if isinstance(per_sample_active, LayerActivity) and (
-            per_sample_active.columns is self._columns or per_sample_active.columns == self._columns
+        if (
+            isinstance(per_sample_active, LayerActivity)
+            and per_sample_active.columns == self._columns
         ):
             rows = per_sample_active.array  # already packed in our column order
         else:

@@ -243,6 +243,24 @@ def test_a_bad_input_fails_alone(model_repo: Path, monkeypatch: pytest.MonkeyPat
     with_plane(model_repo, body)
 
 
+def break_merged_runs(model: LoadedModel, monkeypatch: pytest.MonkeyPatch, bad: np.ndarray) -> None:
+    """Make every merged run of ``model`` fail, and a run of ``bad`` alone fail too."""
+    real_split, real_run = model.run_split, model.run
+
+    def run_split(x: np.ndarray, sizes: Any, stats: Any) -> Any:
+        if len(sizes) > 1:
+            raise RuntimeError("onnxruntime failed on the merged batch")
+        return real_split(x, sizes, stats)
+
+    def run(x: np.ndarray, stats: str = "none") -> Any:
+        if np.array_equal(x, bad):
+            raise RuntimeError("this input breaks the model")
+        return real_run(x, stats)
+
+    monkeypatch.setattr(model, "run_split", run_split)
+    monkeypatch.setattr(model, "run", run)
+
+
 def test_a_failed_merged_run_is_retried_request_by_request(
     model_repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -251,21 +269,7 @@ def test_a_failed_merged_run_is_retried_request_by_request(
     async def body(plane: DataPlane) -> None:
         model = plane.get_model("tiny")
         recorder = RunRecorder(model, monkeypatch)
-        held_run_split = model.run_split
-        real_run = model.run
-
-        def run_split(x: np.ndarray, sizes: Any, stats: Any) -> Any:
-            if len(sizes) > 1:
-                raise RuntimeError("onnxruntime failed on the merged batch")
-            return held_run_split(x, sizes, stats)
-
-        def run(x: np.ndarray, stats: str = "none") -> Any:
-            if np.array_equal(x, inputs[1]):
-                raise RuntimeError("this input breaks the model")
-            return real_run(x, stats)
-
-        monkeypatch.setattr(model, "run_split", run_split)
-        monkeypatch.setattr(model, "run", run)
+        break_merged_runs(model, monkeypatch, bad=inputs[1])
         results = await burst(plane, recorder, model, inputs, ["none"] * 3)
         assert results[0].logits.shape == (1, 10)
         assert isinstance(results[1], RuntimeError)
@@ -313,20 +317,7 @@ def test_an_inline_merged_run_that_fails_is_retried_request_by_request(
 
     async def body(plane: DataPlane) -> None:
         model = plane.get_model("tiny")
-        real_split, real_run = model.run_split, model.run
-
-        def run_split(x: np.ndarray, sizes: Any, stats: Any) -> Any:
-            if len(sizes) > 1:
-                raise RuntimeError("onnxruntime failed on the merged batch")
-            return real_split(x, sizes, stats)
-
-        def run(x: np.ndarray, stats: str = "none") -> Any:
-            if np.array_equal(x, inputs[1]):
-                raise RuntimeError("this input breaks the model")
-            return real_run(x, stats)
-
-        monkeypatch.setattr(model, "run_split", run_split)
-        monkeypatch.setattr(model, "run", run)
+        break_merged_runs(model, monkeypatch, bad=inputs[1])
         results = await asyncio.gather(
             *(plane.infer(model, x) for x in inputs), return_exceptions=True
         )

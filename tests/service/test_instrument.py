@@ -55,7 +55,7 @@ def assert_stats_match(layers: list[ActivationNode], outputs: dict, raw: dict) -
     """
     layout = StatsLayout.of(layers)
     summaries = summarize_layers(layers, layout, outputs, channels=True)
-    active = per_sample_active(layers, layout, outputs)
+    active = per_sample_active(layout, outputs)
     for layer, got in zip(layers, summaries, strict=True):
         want = numpy_layer_stats(raw[layer.tensor], layer.kind)
         assert got.name == layer.name
