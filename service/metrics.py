@@ -12,6 +12,7 @@ import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TypeVar
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -91,9 +92,15 @@ class Counter(_Metric):
 
     def inc(self, amount: float = 1.0, **labels: object) -> None:
         """Add ``amount`` (>= 0) to the child with these labels."""
+        self._add(self._key(labels), amount)
+
+    def labels(self, **labels: object) -> Callable[[float], None]:
+        """``inc`` of the child with these labels, its labels looked up once (hot paths)."""
+        return partial(self._add, self._key(labels))
+
+    def _add(self, key: LabelValues, amount: float = 1.0) -> None:
         if amount < 0:
             raise ValueError("counters only go up")
-        key = self._key(labels)
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount
 
@@ -172,11 +179,19 @@ class Histogram(_Metric):
 
     def observe(self, value: float, **labels: object) -> None:
         """Count one observation."""
-        self.observe_many((value,), **labels)
+        self._observe(self._key(labels), (value,))
 
     def observe_many(self, values: Iterable[float], **labels: object) -> None:
         """Count several observations of the same child (one label lookup, one lock)."""
+        self._observe(self._key(labels), values)
+
+    def labels(self, **labels: object) -> Callable[[float], None]:
+        """``observe`` of the child with these labels, its labels looked up once (hot
+        paths)."""
         key = self._key(labels)
+        return lambda value: self._observe(key, (value,))
+
+    def _observe(self, key: LabelValues, values: Iterable[float]) -> None:
         buckets, top = self.buckets, len(self.buckets)
         with self._lock:
             child = self._children.get(key)

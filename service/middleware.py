@@ -86,6 +86,8 @@ class MetricsMiddleware:
         self.app = app
         self.metrics = metrics
         self.known_models = known_models
+        # (route, method, model, status class) -> its request counter and duration histogram
+        self._children: dict[tuple[str, str, str, int], tuple[Callable, Callable]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -108,9 +110,14 @@ class MetricsMiddleware:
             name = (scope.get("path_params") or {}).get("name", "")
             model = name if name and name in self.known_models() else ""
             method = scope.get("method", "")
-            self.metrics.requests.inc(
-                route=template, method=method, model=model, status=f"{status // 100}xx"
-            )
-            self.metrics.request_seconds.observe(
-                time.perf_counter() - start, route=template, method=method
-            )
+            key = (template, method, model, status // 100)
+            children = self._children.get(key)
+            if children is None:
+                children = self._children[key] = (
+                    self.metrics.requests.labels(
+                        route=template, method=method, model=model, status=f"{status // 100}xx"
+                    ),
+                    self.metrics.request_seconds.labels(route=template, method=method),
+                )
+            children[0](1.0)
+            children[1](time.perf_counter() - start)

@@ -180,6 +180,24 @@ def test_histogram_buckets_and_bulk_observations() -> None:
         bulk.observe_many([1.0], other="a")
 
 
+def test_bound_children_count_like_labelled_calls() -> None:
+    by_labels, bound = Counter("c", "C.", ("m",)), Counter("c", "C.", ("m",))
+    hist_by_labels = Histogram("h", "H.", ("m",), buckets=(0.1, 1.0))
+    hist_bound = Histogram("h", "H.", ("m",), buckets=(0.1, 1.0))
+    inc, observe = bound.labels(m="a"), hist_bound.labels(m="a")
+    for value in (0.05, 0.1, 2.0):
+        by_labels.inc(value, m="a")
+        inc(value)
+        hist_by_labels.observe(value, m="a")
+        observe(value)
+    assert bound.samples() == by_labels.samples() == ['c{m="a"} 2.15']
+    assert hist_bound.samples() == hist_by_labels.samples()
+    with pytest.raises(ValueError, match="only go up"):
+        inc(-1)
+    with pytest.raises(ValueError, match="takes labels"):
+        hist_bound.labels(other="a")
+
+
 @pytest.mark.parametrize(
     ("value", "text"),
     [(1.0, "1"), (0.25, "0.25"), (float("inf"), "+Inf"), (float("-inf"), "-Inf"), (3, "3")],
