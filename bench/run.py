@@ -37,6 +37,7 @@ import contextlib
 import io
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -340,9 +341,9 @@ def run_wrk(
         str(script),
         f"http://127.0.0.1:{port}{request.path}",
     ]
-    cpu0 = tree_cpu_seconds(pid)
+    cpu0, client0 = tree_cpu_seconds(pid), _children_cpu_seconds()
     out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
-    cpu1 = tree_cpu_seconds(pid)
+    cpu1, client1 = tree_cpu_seconds(pid), _children_cpu_seconds()
     line = next((x for x in out.stdout.splitlines() if x.startswith("BENCH ")), None)
     if line is None:
         return {"error": f"wrk failed: {out.stdout[-300:]} {out.stderr[-300:]}"}
@@ -356,7 +357,14 @@ def run_wrk(
         "errors": errors,
         "requests": n,
         "cpu_us_per_request": (cpu1 - cpu0) * 1e6 / n if n else None,
+        "client_cpu_us_per_request": (client1 - client0) * 1e6 / n if n else None,
     }
+
+
+def _children_cpu_seconds() -> float:
+    """User + system CPU of this process's finished children (each wrk run, once waited)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 # --------------------------------------------------------------------------- the matrix
@@ -540,6 +548,7 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
     result["settings"]["loadavg_end"] = os.getloadavg()
     add_ratios(result)
     result["figures"] = check_figures(result)
+    result["bounds"] = http_bounds(result)
     return result
 
 
@@ -550,7 +559,7 @@ def summarize_cell(cell: dict[str, Any]) -> None:
         if cell["runs"]:
             cell["error"] = cell["runs"][0]["error"]
         return
-    for key in ("rps", "p50_ms", "p99_ms", "cpu_us_per_request"):
+    for key in ("rps", "p50_ms", "p99_ms", "cpu_us_per_request", "client_cpu_us_per_request"):
         values = [r[key] for r in runs if r[key] is not None]
         cell[key] = statistics.median(values) if values else None
     cell["errors"] = sum(r["errors"] for r in runs)
@@ -582,6 +591,33 @@ def add_ratios(result: dict[str, Any]) -> None:
         cell["x_noop"] = cell["rps"] / noop["rps"] if noop else None
         naive = _find(result, "naive", cell["model"], cell["clients"])
         cell["x_naive"] = cell["rps"] / naive["rps"] if naive else None
+
+
+def http_bounds(result: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """What a server could reach at the most clients if its HTTP cost only what the no-op's
+    does (server and wrk CPU per request, measured) and its inference only what raw batched
+    onnxruntime's does (all cores busy), with nothing idle: the cores' CPU time divided by
+    the sum of those costs per request. A reference for the ``x raw`` figure, not a target:
+    every request pays the HTTP, so no server on this stack reaches ``raw``."""
+    bounds = {}
+    cpus, clients = result["settings"]["cpus"], max(result["settings"]["clients"])
+    for model, raw in result["raw"].items():
+        noop = _find(result, "noop", model, clients)
+        if not noop or not raw or noop.get("client_cpu_us_per_request") is None:
+            continue
+        http_us = noop["cpu_us_per_request"] + noop["client_cpu_us_per_request"]
+        compute_us = cpus * 1e6 / raw["batched_ips"]
+        rps = cpus * 1e6 / (http_us + compute_us)
+        ours = _find(result, "ours", model, clients, "binary")
+        bounds[model] = {
+            "http_us_per_request": http_us,
+            "compute_us_per_image": compute_us,
+            "bound_rps": rps,
+            "bound_x_raw": rps / raw["batched_ips"],
+            "ours_x_bound": ours["rps"] / rps if ours else None,
+            "clients": clients,
+        }
+    return bounds
 
 
 def check_figures(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -662,6 +698,14 @@ def print_report(result: dict[str, Any]) -> None:
         print(format_row(cell))
     for name, why in result["unavailable"].items():
         print(f"{name}: not run: {why[:300]}")
+    for model, b in result.get("bounds", {}).items():
+        print(
+            f"\n{model}, {b['clients']} clients: no-op HTTP {b['http_us_per_request']:.0f} us "
+            f"of CPU per request (server + wrk) + raw compute "
+            f"{b['compute_us_per_image']:.0f} us per image -> at most "
+            f"{b['bound_rps']:.0f} req/s = {b['bound_x_raw']:.2f}x raw; "
+            f"ours binary {_fmt(b['ours_x_bound'], '.2f')}x that"
+        )
     print("\nfigures:")
     for f in result["figures"]:
         mark = {True: "met", False: "NOT met", None: "?"}[f["met"]]

@@ -48,15 +48,18 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limit = self._limit_for(scope["path"])
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > limit[0]:
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+        if length.isdigit():
+            if int(length) <= limit[0]:  # the server reads no more than Content-Length
+                await self.app(scope, receive, send)
+                return
             exc = self._error(length.decode(), limit)
             response = error_response(Request(scope), exc.status_code, exc.code, exc.message)
             # The client may still be sending: tell it the connection ends with this answer.
             response.headers["Connection"] = "close"
             await response(scope, receive, send)
             return
-        received = 0
+        received = 0  # a chunked body: counted as it streams in
 
         async def limited_receive() -> Message:
             nonlocal received

@@ -35,4 +35,8 @@ def test_quick_run_writes_every_row(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert cell["p99_ms"] >= cell["p50_ms"] > 0
         assert cell["cpu_us_per_request"] > 0
     assert cells[("ours", "binary", 4)]["x_naive"] is not None
+    assert cells[("noop", "binary", 4)]["client_cpu_us_per_request"] > 0  # wrk's own CPU
+    bound = result["bounds"]["digits"]  # no-op HTTP + raw compute, at 4 clients
+    assert 0 < bound["bound_x_raw"] < 1
+    assert bound["ours_x_bound"] > 0
     assert "figures:" in capsys.readouterr().out
