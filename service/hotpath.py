@@ -22,7 +22,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -89,6 +89,24 @@ class HotRoutes:
                 log.exception("unexpected error in %s %s", scope["method"], scope["path"])
             response = await handler(request, exc)
         await response(scope, receive, send)
+
+
+async def read_body(request: Request) -> bytes:
+    """The whole request body, as ``Request.body()`` gives it, without its async generator
+    (~2 us per request on the hot routes); later ``body()`` calls get the same bytes."""
+    if hasattr(request, "_body"):  # read already
+        return request._body
+    chunks = []
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    request._body = body  # where Request.body() keeps what it read
+    return body
 
 
 class ServiceApp(FastAPI):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -29,6 +30,7 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
 from service.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
+from service.hotpath import read_body
 
 StatsLevel = Literal["none", "summary", "channels"]
 STATS_LEVELS: tuple[str, ...] = ("none", "summary", "channels")
@@ -61,12 +63,12 @@ async def read_predict_body(
     if media_type == "multipart/form-data":
         return await _read_multipart(request, max_items)
     if media_type == "application/json" or media_type.endswith("+json"):
-        return _read_json(await request.body(), max_items)
+        return _read_json(await read_body(request), max_items)
     if media_type == "application/octet-stream":
         shape = request.headers.get(SHAPE_HEADER) or query_shape
-        return PredictBody(tensor=decode_raw_tensor(await request.body(), shape))
+        return PredictBody(tensor=decode_raw_tensor(await read_body(request), shape))
     if media_type.startswith("image/"):
-        return PredictBody(images=[("body", await request.body())])
+        return PredictBody(images=[("body", await read_body(request))])
     shown = media_type or "none"
     raise UnsupportedMediaTypeError(
         f"content type {shown!r} is not accepted for predict; send {ACCEPTED_TYPES}"
@@ -181,8 +183,13 @@ def decode_raw_tensor(raw: bytes, shape_text: str | None) -> np.ndarray:
             f"a raw float32 body needs its shape in the {SHAPE_HEADER} header or the "
             "'shape' query parameter, e.g. 1,1,8,8"
         )
-    shape = _parse_shape(shape_text, "shape")
-    return _from_bytes(raw, shape, "body")
+    return _from_bytes(raw, _shape_from_text(shape_text), "body")
+
+
+@functools.lru_cache(maxsize=256)
+def _shape_from_text(text: str) -> tuple[int, ...]:
+    """``_parse_shape`` of a header or query value; clients repeat the same few shapes."""
+    return _parse_shape(text, "shape")
 
 
 def _from_bytes(raw: bytes, shape: tuple[int, ...], what: str) -> np.ndarray:

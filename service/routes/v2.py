@@ -17,6 +17,7 @@ from starlette.responses import Response
 
 from service.dataplane import DataPlane
 from service.errors import BadRequestError, error_responses
+from service.hotpath import read_body
 from service.metadata import SATURATING_KINDS
 from service.model import LoadedModel, RunResult
 from service.routes import OrjsonResponse, get_plane
@@ -178,7 +179,7 @@ async def infer(request: Request) -> Response:
     params = request.path_params
     model = plane.get_model(params["name"], params.get("version"))
     decoded = decode_infer_request(
-        await request.body(),
+        await read_body(request),
         header_length=request.headers.get(HEADER_LENGTH),
         content_encoding=request.headers.get("content-encoding"),
         max_body_bytes=plane.settings.max_body_bytes,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 from collections.abc import Iterator
@@ -13,11 +14,12 @@ from fastapi import Depends, Request
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.app import create_app
-from service.hotpath import HotRoutes, ServiceApp
+from service.hotpath import HotRoutes, ServiceApp, read_body
 from tests.service.conftest import reference_inputs
 from tests.service.http_helpers import image_bytes, make_settings
 
@@ -195,3 +197,36 @@ def _count(client: TestClient, route: str, model: str, status: str) -> float:
         if line.startswith("relu_serve_http_requests_total{") and wanted in line:
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def _request(*messages: dict) -> Request:
+    pending = list(messages)
+
+    async def receive() -> dict:
+        return pending.pop(0)
+
+    return Request({"type": "http", "method": "POST", "headers": []}, receive)
+
+
+def test_read_body_joins_chunks_and_leaves_the_body_to_starlette() -> None:
+    async def main() -> None:
+        request = _request(
+            {"type": "http.request", "body": b"ab", "more_body": True},
+            {"type": "http.request", "body": b"cd", "more_body": False},
+        )
+        assert await read_body(request) == b"abcd"
+        assert await request.body() == b"abcd"  # no second receive: it would fail here
+        assert await read_body(request) == b"abcd"
+        one = _request({"type": "http.request", "body": b"whole"})
+        assert await one.body() == b"whole"  # read by Starlette first
+        assert await read_body(one) == b"whole"
+
+    asyncio.run(main())
+
+
+def test_read_body_raises_when_the_client_went_away() -> None:
+    request = _request(
+        {"type": "http.request", "body": b"ab", "more_body": True}, {"type": "http.disconnect"}
+    )
+    with pytest.raises(ClientDisconnect):
+        asyncio.run(read_body(request))
