@@ -14,6 +14,10 @@ processes hits every variant alike:
 Targets (issue): ``off`` <= 1.05x ``plain``; ``on`` <= 1.3x ``off`` for ResNet-20, batch 32.
 
     .venv/bin/python bench/bench_stats_overhead.py --out bench/results/stats_overhead.json
+    python bench/bench_stats_overhead.py --providers cuda,cpu --models resnet20   # on a GPU
+
+``--providers`` takes ``RELU_SERVE_PROVIDERS``' form (default ``cpu``); the service's sessions
+and the independent ``plain`` one then run on those providers, strictly (no fall-back).
 """
 
 from __future__ import annotations
@@ -203,6 +207,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads")
     parser.add_argument("--models", default=",".join(MODELS), help="registry models to time")
     parser.add_argument(
+        "--providers", default="cpu", help="execution providers in order, e.g. cuda,cpu"
+    )
+    parser.add_argument(
         "--memory", action="store_true", help="also measure RSS with and without shared weights"
     )
     parser.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
@@ -218,6 +225,7 @@ def main() -> None:
             "threads": threads,
             "onnxruntime": ort.__version__,
             "processor": platform.processor() or platform.machine(),
+            "providers": args.providers,
         },
         "models": {},
     }
@@ -232,11 +240,14 @@ def main() -> None:
         for name in args.models.split(","):
             path = export(name, Path(tmp))
             exported[name] = path
-            model = LoadedModel.load(path, name, "1", threads=threads)
+            model = LoadedModel.load(
+                path, name, "1", threads=threads, providers=args.providers, strict=True
+            )
             model.warm_up()
             plain = ort.InferenceSession(
-                str(path), session_options(threads), providers=["CPUExecutionProvider"]
+                str(path), session_options(threads), providers=list(model.providers.used)
             )
+            results["machine"]["providers_used"] = list(model.providers.used)
             shape = list(model.input_shape[1:])
             rng = np.random.default_rng(0)
             for batch in batches:

@@ -13,7 +13,7 @@ import logging
 import random
 import sys
 import weakref
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,7 @@ class DataPlane:
             settings.model_root,
             providers=settings.providers,
             model_providers=settings.model_providers,
+            batch_sizes=lambda name: settings.batching_for(name)[0],
             threads=settings.intra_op_threads,
             strict=settings.strict_providers,
             window=settings.monitor_window,
@@ -364,19 +365,33 @@ class DataPlane:
 
 
 class _Repository(ModelRepository):
-    """The core's repository plus per-model execution providers (``model_providers``).
+    """The core's repository plus per-model settings: execution providers
+    (``model_providers``) and the batch size runs on a GPU are padded to (the model's
+    largest batch, ``ServiceSettings.batching_for``).
 
-    Adapter: ``ModelRepository`` takes one provider list for all models; this picks the
-    model's own list for each model it loads.
+    Adapter: ``ModelRepository`` takes one provider list and one batch size for all models;
+    this picks the model's own for each model it loads.
     """
 
-    def __init__(self, root: Path, *, model_providers: dict[str, list[str]], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        model_providers: dict[str, list[str]],
+        batch_sizes: Callable[[str], int],
+        **kwargs: Any,
+    ) -> None:
         super().__init__(root, **kwargs)
         self._model_providers = model_providers
+        self._batch_sizes = batch_sizes
 
     def providers_for(self, name: str) -> str | list[str]:
         """The model's own providers when ``model_providers`` names it."""
         return self._model_providers.get(name, self.providers)
+
+    def gpu_batch_for(self, name: str) -> int:
+        """The model's largest batch."""
+        return self._batch_sizes(name)
 
 
 def _expire(future: asyncio.Future[RunResult]) -> None:

@@ -41,7 +41,14 @@ from service.instrument import (
     summarize_requests,
 )
 from service.metadata import ModelMetadata, Preprocessing, ReferenceProfile
-from service.runtime import ProviderChoice, providers_in_use, resolve_providers, session_options
+from service.runtime import (
+    CPU,
+    ProviderChoice,
+    providers_in_use,
+    resolve_providers,
+    session_options,
+    with_options,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +72,12 @@ SMALL_MODEL_MACS = 4_000_000
 _SHARE_MIN_BYTES = 1024
 # Guess for dynamic non-batch input dims at warm-up when nothing says better.
 _WARMUP_DIM = 32
+
+# On a GPU provider every new input shape makes onnxruntime plan each convolution again
+# (onnxruntime-gpu 1.31, cuDNN 9, H100, ResNet-20: 130-390 ms per run with the batch sizes
+# dynamic batching forms, 0.5-0.9 ms per run at one size; 105 -> 7,591 req/s at 64 clients,
+# bench/results/gpu-h100.json). So there, runs are padded with zero rows to one batch size,
+# ``LoadedModel.load``'s ``gpu_batch`` (the batcher's largest), and warmed up at it.
 
 
 class ModelInputError(ValueError):
@@ -176,12 +189,12 @@ def _create_session(
     session on CPU during a run, silently; our fall-back happens at load time, loudly.
     """
     if isinstance(source, Path):
-        session = ort.InferenceSession(str(source), options, providers=providers)
+        session = ort.InferenceSession(str(source), options, providers=with_options(providers))
     else:
         with tempfile.TemporaryDirectory(prefix="relu-serve-") as folder:
             file = Path(folder) / "model.onnx"
             onnx.save(source, str(file))
-            session = ort.InferenceSession(str(file), options, providers=providers)
+            session = ort.InferenceSession(str(file), options, providers=with_options(providers))
     session.disable_fallback()
     return session
 
@@ -223,6 +236,7 @@ class LoadedModel:
         session_factory,
         shared_values: dict[str, ort.OrtValue],
         macs: int | None = None,
+        run_size: int | None = None,
     ):
         self.name = name
         self.version = version
@@ -247,6 +261,7 @@ class LoadedModel:
         self.layout = StatsLayout.of(layers)
         self._stat_fetches = self.layout.outputs
         self.macs = macs  # multiply-accumulates per sample, None if unknown
+        self.run_size = run_size  # runs of fewer samples are padded to this many (a GPU's)
 
     @property
     def small(self) -> bool:
@@ -265,8 +280,13 @@ class LoadedModel:
         threads: int | None = None,
         strict: bool = False,
         share_weights: bool = False,
+        gpu_batch: int = 64,
     ) -> LoadedModel:
         """Read ``path`` once, check it, and build the plain and the statistics sessions.
+
+        On a provider other than the CPU, every run of fewer than ``gpu_batch`` samples is
+        padded to ``gpu_batch`` (see the note on GPU runs at the top of this module); give the
+        batcher's largest batch.
 
         ``share_weights`` hands both sessions the same weight buffers
         (``SessionOptions.add_initializer``) and turns off onnxruntime's weight prepacking,
@@ -366,6 +386,8 @@ class LoadedModel:
             stats_error = f"statistics unavailable: instrumenting the graph failed ({exc})"
             log.error("model %s version %s: %s", name, version, stats_error)
 
+        dynamic_batch = (_dims(input_info) or [None])[0] is None
+        run_size = gpu_batch if choice.used[0] != CPU and dynamic_batch else None
         input_type = input_info.type.tensor_type
         dtype = _ORT_DTYPES.get(
             plain.get_inputs()[0].type,
@@ -391,6 +413,7 @@ class LoadedModel:
             session_factory=make_session,
             shared_values=shared,
             macs=macs,
+            run_size=run_size,
         )
 
     # ---- properties ---------------------------------------------------------------------
@@ -471,22 +494,43 @@ class LoadedModel:
 
         The dynamic batcher calls this with inputs already checked by ``validate_input``, all
         plain (``"none"``) or all with statistics; statistics are summarised per request over
-        its own samples, as if it had run alone.
+        its own samples, as if it had run alone. Its two halves: ``run_batch``, the session
+        run, and ``split_outputs``, each request's part.
         """
+        return self.split_outputs(self.run_batch(x, stats[0]), x, sizes, stats)
+
+    def run_batch(self, x: np.ndarray, stats: str) -> list[np.ndarray]:
+        """The session run alone: the logits, then the statistics outputs when ``stats`` is
+        not "none" (the statistics session) and the model has activation layers."""
+        if stats != "none" and self.stats_session is None:
+            raise ModelInputError(f"model {self.name!r}: {self.stats_error}")
+        n = x.shape[0]
+        if self.run_size and n < self.run_size:  # zero rows: every output is per sample
+            x = np.concatenate([x, np.zeros((self.run_size - n, *x.shape[1:]), x.dtype)])
+        feeds = {self.input_name: x}
+        if stats == "none" or not self.layers:
+            values = self.plain_session.run([self.output_name], feeds)
+        else:
+            values = self.stats_session.run([self.output_name, *self._stat_fetches], feeds)
+        return values if x.shape[0] == n else [v[:n] for v in values]
+
+    def split_outputs(
+        self,
+        values: Sequence[np.ndarray],
+        x: np.ndarray,
+        sizes: Sequence[int],
+        stats: Sequence[str],
+    ) -> list[RunResult]:
+        """Each request's result from ``run_batch``'s outputs: probabilities, and statistics
+        summarised over the request's own rows."""
         bounds = np.cumsum([0, *sizes]).tolist()
         parts = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        feeds = {self.input_name: x}
-        plain = stats[0] == "none"  # the batcher never mixes plain and statistics requests
-        if not plain and self.stats_session is None:
-            raise ModelInputError(f"model {self.name!r}: {self.stats_error}")
-        if plain or not self.layers:
-            (raw,) = self.plain_session.run([self.output_name], feeds)
-            probs = self._probabilities(raw)
-            if plain:
-                return [RunResult(raw[p], probs[p]) for p in parts]
-            return [RunResult(raw[p], probs[p], [], {}) for p in parts]  # no layers to observe
-        values = self.stats_session.run([self.output_name, *self._stat_fetches], feeds)
-        raw, probs = values[0], self._probabilities(values[0])
+        raw = values[0]
+        probs = self._probabilities(raw)
+        if stats[0] == "none":
+            return [RunResult(raw[p], probs[p]) for p in parts]
+        if len(values) == 1:  # no layers to observe
+            return [RunResult(raw[p], probs[p], [], {}) for p in parts]
         outputs = dict(zip(self._stat_fetches, values[1:], strict=True))
         summaries = summarize_requests(
             self.layers,
@@ -538,7 +582,8 @@ class LoadedModel:
         return {layer.name: float(v.min()) for layer, v in zip(layers, values, strict=True)}
 
     def warm_up(self) -> None:
-        """Run both sessions once on zeros (batch 1), so the first request pays no set-up."""
+        """Run both sessions once on zeros (batch 1, padded like every run on a GPU), so the
+        first request pays no set-up."""
         shape = [1]
         guessed = False
         prep = self.preprocessing
@@ -555,7 +600,7 @@ class LoadedModel:
         x = np.zeros(shape, dtype=self.input_dtype)
         try:
             result = self.run(x, "summary" if self.has_statistics else "none")
-            self.plain_session.run([self.output_name], {self.input_name: x})
+            self.run_batch(x, "none")
         except Exception as exc:
             if not guessed:
                 raise ModelLoadError(self.path, f"warm-up run failed ({exc})") from exc

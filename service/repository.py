@@ -139,8 +139,10 @@ class ModelRepository:
         share_weights: bool = False,
         skip_broken: bool = False,
         default_versions: Mapping[str, str | int] | None = None,
+        gpu_batch: int = 64,
     ):
         self.root = Path(root)
+        self.gpu_batch = gpu_batch
         self.providers = providers
         self.threads = threads
         self.strict = strict
@@ -203,6 +205,11 @@ class ModelRepository:
         """The execution providers model ``name`` is loaded with (a hook for overrides)."""
         return self.providers
 
+    def gpu_batch_for(self, name: str) -> int:
+        """The batch size model ``name``'s runs are padded to on a GPU (``LoadedModel.load``'s
+        ``gpu_batch``; a hook for overrides)."""
+        return self.gpu_batch
+
     def _load_version(self, name: str, version: str) -> LoadedModel:
         return self.load_file(self.version_path(name, version), name, version)
 
@@ -216,6 +223,7 @@ class ModelRepository:
             threads=self.threads,
             strict=self.strict,
             share_weights=self.share_weights,
+            gpu_batch=self.gpu_batch_for(name),
         )
         model.warm_up()
         return model

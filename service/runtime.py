@@ -36,6 +36,18 @@ PROVIDER_ALIASES: dict[str, str] = {
 }
 
 
+# Options the service gives a provider it creates a session with. CUDA: no TF32. onnxruntime's
+# CUDA provider multiplies in TF32 by default, which moved ResNet-20's probabilities by up to
+# 2.9e-3 from the CPU provider's on an H100 (one top-1 label of 64 changed); with it off they
+# agree to 7e-6 (bench/results/gpu-h100.json).
+PROVIDER_OPTIONS: dict[str, dict[str, str]] = {"CUDAExecutionProvider": {"use_tf32": "0"}}
+
+
+def with_options(providers: Sequence[str]) -> list[str | tuple[str, dict[str, str]]]:
+    """``providers`` as ``InferenceSession`` takes them, each with its ``PROVIDER_OPTIONS``."""
+    return [(p, PROVIDER_OPTIONS[p]) if p in PROVIDER_OPTIONS else p for p in providers]
+
+
 class ProviderUnavailableError(RuntimeError):
     """A requested execution provider is not available and fall-back is not allowed."""
 

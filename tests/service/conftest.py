@@ -329,6 +329,13 @@ def numpy_layer_stats(y: np.ndarray, kind: str) -> dict:
     }
 
 
+@pytest.fixture
+def cpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime offers the CPU provider alone, as on a machine without a GPU (the fall-back
+    tests then test the fall-back on GPU machines too)."""
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+
+
 @pytest.fixture(scope="session")
 def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An empty session folder that ``tiny_cnn_path`` and ``model_repo`` fill."""

@@ -133,6 +133,7 @@ def test_sampling_feeds_the_monitor_without_changing_answers(model_repo: Path) -
         assert snapshot["samples"] == 1
 
 
+@pytest.mark.usefixtures("cpu_only")
 def test_a_provider_fall_back_is_reported_per_model(model_repo: Path) -> None:
     """foreign asks for CUDA (absent on this CPU build): it falls back, loudly; tiny does not."""
     settings = make_settings(model_repo, model_providers={"foreign": ["cuda", "cpu"]})
@@ -149,6 +150,7 @@ def test_a_provider_fall_back_is_reported_per_model(model_repo: Path) -> None:
     assert 'relu_serve_model_provider_fallback{model="tiny",version="2"} 0' in metrics
 
 
+@pytest.mark.usefixtures("cpu_only")
 def test_strict_providers_refuse_to_start(model_repo: Path) -> None:
     settings = make_settings(model_repo, providers=["cuda"], strict_providers=True)
     app = create_app(settings)

@@ -24,24 +24,31 @@ from tests.service.http_helpers import make_settings
 
 
 class RunRecorder:
-    """Wraps ``LoadedModel.run_split``: records each run's request sizes and statistics
-    levels, and holds the first run until ``release`` so that others queue behind it."""
+    """Wraps ``LoadedModel.run_batch`` and ``split_outputs``: records each run's request
+    sizes and statistics levels and the thread that ran it, and holds the first run until
+    ``release`` so that others queue behind it."""
 
     def __init__(self, model: LoadedModel, monkeypatch: pytest.MonkeyPatch, hold: bool = True):
         self.calls: list[tuple[list[int], list[str]]] = []
+        self.threads: list[int] = []
         self.started = threading.Event()
         self.gate = threading.Event()
         if not hold:
             self.gate.set()
-        real = model.run_split
+        real_run, real_split = model.run_batch, model.split_outputs
 
-        def run_split(x: np.ndarray, sizes: Any, stats: Any) -> Any:
-            self.calls.append((list(sizes), list(stats)))
+        def run_batch(x: np.ndarray, stats: str) -> Any:
+            self.threads.append(threading.get_ident())
             self.started.set()
             assert self.gate.wait(10)
-            return real(x, sizes, stats)
+            return real_run(x, stats)
 
-        monkeypatch.setattr(model, "run_split", run_split)
+        def split_outputs(values: Any, x: np.ndarray, sizes: Any, stats: Any) -> Any:
+            self.calls.append((list(sizes), list(stats)))
+            return real_split(values, x, sizes, stats)
+
+        monkeypatch.setattr(model, "run_batch", run_batch)
+        monkeypatch.setattr(model, "split_outputs", split_outputs)
 
     async def wait_started(self) -> None:
         """Until the first run holds the worker."""
@@ -244,20 +251,21 @@ def test_a_bad_input_fails_alone(model_repo: Path, monkeypatch: pytest.MonkeyPat
 
 
 def break_merged_runs(model: LoadedModel, monkeypatch: pytest.MonkeyPatch, bad: np.ndarray) -> None:
-    """Make every merged run of ``model`` fail, and a run of ``bad`` alone fail too."""
-    real_split, real_run = model.run_split, model.run
+    """Make every run of ``model`` over more than one sample (the requests here have one
+    each) fail, and a run of ``bad`` alone fail too."""
+    real_batch, real_run = model.run_batch, model.run
 
-    def run_split(x: np.ndarray, sizes: Any, stats: Any) -> Any:
-        if len(sizes) > 1:
+    def run_batch(x: np.ndarray, stats: str) -> Any:
+        if len(x) > 1:
             raise RuntimeError("onnxruntime failed on the merged batch")
-        return real_split(x, sizes, stats)
+        return real_batch(x, stats)
 
     def run(x: np.ndarray, stats: str = "none") -> Any:
         if np.array_equal(x, bad):
             raise RuntimeError("this input breaks the model")
         return real_run(x, stats)
 
-    monkeypatch.setattr(model, "run_split", run_split)
+    monkeypatch.setattr(model, "run_batch", run_batch)
     monkeypatch.setattr(model, "run", run)
 
 
@@ -288,19 +296,11 @@ def test_small_models_run_on_the_event_loop_batching_one_loop_step(
         assert model.small
         alone = [model.run(x, "summary") for x in inputs]
         recorder = RunRecorder(model, monkeypatch, hold=False)
-        threads: list[int] = []
-        recorded = model.run_split
-
-        def run_split(x: np.ndarray, sizes: Any, stats: Any) -> Any:
-            threads.append(threading.get_ident())
-            return recorded(x, sizes, stats)
-
-        monkeypatch.setattr(model, "run_split", run_split)
         # Requests made in one step of the loop share one run; a later one runs by itself.
         first = await asyncio.gather(*(plane.infer(model, x, "summary") for x in inputs))
         later = await plane.infer(model, inputs[0], "summary")
         assert recorder.calls == [([1, 2, 1, 3], ["summary"] * 4), ([1], ["summary"])]
-        assert threads == [threading.get_ident()] * 2  # this thread runs the event loop
+        assert recorder.threads == [threading.get_ident()] * 2  # the event loop's thread
         for result, single in zip([*first, later], [*alone, alone[0]], strict=True):
             np.testing.assert_allclose(result.logits, single.logits, rtol=1e-5, atol=1e-6)
             assert [s.to_dict() for s in result.layer_stats] == [

@@ -546,14 +546,14 @@ def test_unexpected_errors_are_a_logged_generic_500(
 
 def slow_down(model: Any, monkeypatch: pytest.MonkeyPatch, seconds: float = 0.3) -> Any:
     """Make every run of ``model`` take ``seconds`` longer; returns the undo."""
-    real_run = model.run_split  # what the batcher calls
+    real_run = model.run_batch  # what the batcher's thread calls
 
     def slow_run(*args: Any, **kwargs: Any) -> Any:
         time.sleep(seconds)
         return real_run(*args, **kwargs)
 
-    monkeypatch.setattr(model, "run_split", slow_run)
-    return lambda: monkeypatch.setattr(model, "run_split", real_run)
+    monkeypatch.setattr(model, "run_batch", slow_run)
+    return lambda: monkeypatch.setattr(model, "run_batch", real_run)
 
 
 def test_inference_over_the_time_limit_is_503(

@@ -11,6 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from service import model as model_module
 from service.instrument import infer_tensor_shapes
 from service.model import (
     LoadedModel,
@@ -20,6 +21,7 @@ from service.model import (
     softmax,
     top_k,
 )
+from service.runtime import with_options
 from tests.service.conftest import (
     make_onnx_cnn,
     numpy_layer_stats,
@@ -269,14 +271,13 @@ def test_softmax_is_stable_for_large_scores() -> None:
     np.testing.assert_allclose(p, [[0.5, 0.5, 0.0]], atol=1e-7)
 
 
+@pytest.mark.usefixtures("cpu_only")
 def test_requested_cuda_falls_back_to_cpu_loudly(
     tiny_cnn_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING):
         model = LoadedModel.load(tiny_cnn_path, "tiny", "1", providers="cuda")
     info = model.info()
-    if "CUDAExecutionProvider" in info["providers_used"]:
-        pytest.skip("this machine has CUDA")
     assert info["fell_back"] is True
     assert info["providers_used"] == ["CPUExecutionProvider"]
     assert "CUDAExecutionProvider" in info["fallback_reason"]
@@ -358,3 +359,50 @@ def test_model_without_activation_layers_has_empty_statistics(tmp_path: Path) ->
     assert result.per_sample_active == {}
     np.testing.assert_allclose(result.logits, 4.0)
     assert model.labels == ["0", "1", "2"]
+
+
+class RecordingSession:
+    """An onnxruntime session that records the batch size of each run."""
+
+    def __init__(self, session: object) -> None:
+        self.session = session
+        self.batches: list[int] = []
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self.batches.append(next(iter(feeds.values())).shape[0])
+        return self.session.run(names, feeds)
+
+
+def test_runs_on_a_gpu_are_padded_to_one_batch_size(
+    tiny_cnn_path: Path, tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert tiny.run_size is None  # on the CPU, runs keep their size
+    monkeypatch.setattr(model_module, "CPU", "NoSuchProvider")  # the CPU stands in for a GPU
+    padded = LoadedModel.load(tiny_cnn_path, "tiny", "1", gpu_batch=8)
+    assert padded.run_size == 8
+    plain, stats = RecordingSession(padded.plain_session), RecordingSession(padded.stats_session)
+    padded.plain_session, padded.stats_session = plain, stats
+    padded.warm_up()
+    assert plain.batches == [8]
+    assert stats.batches == [8]
+    x = reference_inputs(3, seed=4)
+    for level in ("none", "channels"):
+        got, want = padded.run(x, level), tiny.run(x, level)
+        np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-6)
+        assert got.logits.shape == (3, 10)
+        if level == "channels":
+            for a, b in zip(got.layer_stats, want.layer_stats, strict=True):
+                assert a.samples == b.samples == 3
+                assert a.dead_channels == b.dead_channels
+                assert a.inactive_fraction == pytest.approx(b.inactive_fraction, abs=1e-6)
+                assert a.channel_activity == pytest.approx(b.channel_activity, abs=1e-6)
+    padded.run(reference_inputs(9, seed=5))  # more than the padded size: run as it is
+    assert plain.batches == [8, 8, 9]
+    assert stats.batches == [8, 8]
+
+
+def test_cuda_sessions_are_asked_for_full_float32() -> None:
+    assert with_options(["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
+        ("CUDAExecutionProvider", {"use_tf32": "0"}),
+        "CPUExecutionProvider",
+    ]

@@ -65,9 +65,8 @@ def test_missing_provider_falls_back_loudly(caplog: pytest.LogCaptureFixture) ->
     assert CUDA in warnings[0].getMessage()
 
 
-def test_cuda_on_this_machine_falls_back_to_cpu(caplog: pytest.LogCaptureFixture) -> None:
-    if CUDA in ort.get_available_providers():
-        pytest.skip("this machine has CUDA")
+@pytest.mark.usefixtures("cpu_only")
+def test_cuda_on_a_machine_without_it_falls_back_to_cpu(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="service.runtime"):
         choice = resolve_providers("cuda")
     assert choice.fell_back
