@@ -24,9 +24,15 @@ by bench/make_models.py), each at 1, 8 and 64 concurrent clients:
 Load: wrk (Debian's ``apt-get install wrk``; ~20-40 us CPU per request) with one thread and
 N connections (= clients), a Lua script per body, ``--duration`` seconds per cell, each cell
 ``--repeat`` times: the table shows medians, the JSON every repeat. CPU per request is the
-server's process tree CPU time (``/proc/<pid>/stat``) over the requests it answered. Nothing
-is pinned to cores: the server and wrk share the 2 cores as they would on a small host.
-Every server binds 127.0.0.1.
+server's process tree CPU time (``/proc/<pid>/stat``) over the requests it answered; the JSON
+also has wrk's own (``client_cpu_us_per_request``, ~11-13 us here). Nothing is pinned to
+cores: the server and wrk share the 2 cores as they would on a small host. Every server binds
+127.0.0.1.
+
+After the table, per model, a bound for the ``x raw`` figure (``http_bounds``): a server whose
+HTTP cost only what the no-op's does (its CPU and wrk's, per request) and whose inference
+cost only what raw batched onnxruntime's does, with no core ever idle, could serve the cores'
+CPU time divided by the sum of the two per request.
 """
 
 from __future__ import annotations
@@ -185,54 +191,59 @@ def our_requests(model: str, input_name: str, x: np.ndarray) -> dict[str, Reques
 # --------------------------------------------------------------------------- raw onnxruntime
 
 
+def raw_session(model_path: Path, threads: int, spinning: str) -> Any:
+    """A plain onnxruntime CPU session: ``threads`` intra-op threads, spinning on ("1") or
+    off ("0")."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+
+
+def raw_rate(session: Any, batch: np.ndarray, seconds: float, runners: int = 1) -> float:
+    """Images/s: the best of 0.25 s windows within ``seconds`` (the limit, robust to other
+    work on a shared host); ``runners`` threads call ``run`` side by side."""
+    feeds = {session.get_inputs()[0].name: batch}
+    for _ in range(3):
+        session.run(None, feeds)
+
+    def window(counts: list[int], i: int, until: float) -> None:
+        while time.perf_counter() < until:
+            session.run(None, feeds)
+            counts[i] += 1
+
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        counts, start = [0] * runners, time.perf_counter()
+        threads = [
+            threading.Thread(target=window, args=(counts, i, start + 0.25)) for i in range(runners)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        best = max(best, sum(counts) * batch.shape[0] / (time.perf_counter() - start))
+    return best
+
+
 def measure_raw(model_path: Path, x: np.ndarray, seconds: float) -> dict[str, Any]:
     """Images/s of onnxruntime alone: batch 1 and batched (best of 32/64; one session of two
     intra-op threads, spinning on or off, or two one-thread runs side by side)."""
-    import onnxruntime as ort
-
-    def session(threads: int, spinning: str) -> ort.InferenceSession:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
-        options.log_severity_level = 3
-        return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-
-    def rate(session: ort.InferenceSession, batch: np.ndarray, runners: int = 1) -> float:
-        """The best of 0.25 s windows: the limit, robust to other work on a shared host;
-        ``runners`` threads call ``run`` side by side."""
-        feeds = {session.get_inputs()[0].name: batch}
-        for _ in range(3):
-            session.run(None, feeds)
-
-        def window(counts: list[int], i: int, until: float) -> None:
-            while time.perf_counter() < until:
-                session.run(None, feeds)
-                counts[i] += 1
-
-        best, end = 0.0, time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            counts, start = [0] * runners, time.perf_counter()
-            threads = [
-                threading.Thread(target=window, args=(counts, i, start + 0.25))
-                for i in range(runners)
-            ]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            best = max(best, sum(counts) * batch.shape[0] / (time.perf_counter() - start))
-        return best
-
     results: dict[str, Any] = {"batch1": {}, "batched": {}}
     for spinning in ("1", "0"):
-        two_threads = session(2, spinning)
-        results["batch1"][f"spin{spinning}"] = rate(two_threads, x)
+        two_threads = raw_session(model_path, 2, spinning)
+        results["batch1"][f"spin{spinning}"] = raw_rate(two_threads, x, seconds)
         for size in (32, 64):
-            results["batched"][f"b{size}_spin{spinning}"] = rate(two_threads, np.repeat(x, size, 0))
-    one_thread = session(1, "1")
+            batch = np.repeat(x, size, 0)
+            results["batched"][f"b{size}_spin{spinning}"] = raw_rate(two_threads, batch, seconds)
+    one_thread = raw_session(model_path, 1, "1")
     for size in (32, 64):
-        results["batched"][f"b{size}_2x1thread"] = rate(one_thread, np.repeat(x, size, 0), 2)
+        batch = np.repeat(x, size, 0)
+        results["batched"][f"b{size}_2x1thread"] = raw_rate(one_thread, batch, seconds, 2)
     results["batch1_ips"] = max(results["batch1"].values())
     results["batched_ips"] = max(results["batched"].values())
     return results
@@ -545,11 +556,82 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
                         print(format_row(cell, result), flush=True)
             finally:
                 stop_server(proc)
+        if args.paired_rounds:
+            result["paired"] = run_paired(args, repo, servers, inputs, max(clients), workdir)
     result["settings"]["loadavg_end"] = os.getloadavg()
     add_ratios(result)
     result["figures"] = check_figures(result)
     result["bounds"] = http_bounds(result)
     return result
+
+
+# The figures' ratios measured once more in alternation: (name, numerator, denominator), each
+# side a (server, "model:request") or "raw" (onnxruntime alone, batch 32, 2 threads).
+PAIRS = (
+    ("digits: ours / noop", ("ours", "digits:binary"), ("noop", "digits:binary")),
+    ("resnet20: stats on / off", ("ours", "resnet20:binary+stats"), ("ours", "resnet20:binary")),
+    ("resnet20: ours / raw batched", ("ours", "resnet20:binary"), "raw"),
+)
+
+
+def run_paired(
+    args: argparse.Namespace,
+    repo: Path,
+    servers: list[Server],
+    inputs: dict,
+    clients: int,
+    workdir: Path,
+) -> dict[str, Any]:
+    """Each pair's ratio as the median over ``--paired-rounds`` rounds of one measurement of
+    each side, back to back, the order swapped every round: drifts in the host's speed,
+    which the matrix (one server after the other, minutes apart) turns into errors in its
+    ratios, hit both sides of a round alike."""
+    only = args.only.split(",") if args.only else None
+    usable = {s.name: s for s in servers if not s.unavailable and (only is None or s.name in only)}
+
+    def runs(side: Any) -> bool:
+        return side == "raw" or (side[0] in usable and side[1] in usable[side[0]].requests)
+
+    wanted = [pair for pair in PAIRS if runs(pair[1]) and runs(pair[2])]
+    names = sorted({side[0] for _, *sides in wanted for side in sides if side != "raw"})
+    procs, ports = {}, {}
+    raw = {}
+    if any("raw" in sides for _, *sides in wanted):
+        path, x = repo / "resnet20" / "1" / "model.onnx", inputs["resnet20"][1]
+        raw = {"session": raw_session(path, 2, "1"), "batch": np.repeat(x, 32, 0)}
+
+    def measure(side: Any, n_clients: int, seconds: float) -> float:
+        if side == "raw":
+            return raw_rate(raw["session"], raw["batch"], seconds)
+        name, key = side
+        request = usable[name].requests[key]
+        return run_wrk(ports[name], request, n_clients, seconds, workdir, procs[name].pid)["rps"]
+
+    out: dict[str, Any] = {"rounds": args.paired_rounds, "clients": clients, "pairs": {}}
+    try:
+        for name in names:
+            ports[name] = free_port()
+            procs[name] = start_server(usable[name], ports[name], workdir / f"{name}-paired.log")
+        for label, top, bottom in wanted:
+            measure(top, 8, 1)  # warm-up
+            measure(bottom, 8, 1)
+            tops, bottoms = [], []
+            for i in range(args.paired_rounds):
+                for side in (top, bottom) if i % 2 == 0 else (bottom, top):
+                    (tops if side is top else bottoms).append(measure(side, clients, args.duration))
+            ratios = [a / b for a, b in zip(tops, bottoms, strict=True)]
+            out["pairs"][label] = {
+                "ratio": statistics.median(ratios),
+                "ratios": ratios,
+                "numerator": tops,
+                "denominator": bottoms,
+            }
+            rounds = ", ".join(f"{r:.2f}" for r in ratios)
+            print(f"paired {label}: {statistics.median(ratios):.2f} ({rounds})", flush=True)
+    finally:
+        for proc in procs.values():
+            stop_server(proc)
+    return out
 
 
 def summarize_cell(cell: dict[str, Any]) -> None:
@@ -644,6 +726,10 @@ def check_figures(result: dict[str, Any]) -> list[dict[str, Any]]:
         if stock:  # for reference: the ceiling with uvicorn's own protocol
             add("digits 64 clients: x noop on stock uvicorn", d64["rps"] / stock["rps"], 0.8)
         add("digits 64 clients: x naive", d64["x_naive"], 3.0)
+    targets = {"digits: ours / noop": 0.8, "resnet20: stats on / off": 0.8}
+    targets["resnet20: ours / raw batched"] = 0.8
+    for label, pair in result.get("paired", {}).get("pairs", {}).items():
+        add(f"paired, {label}", pair["ratio"], targets[label])
     for model in MODELS:
         ours1 = _find(result, "ours", model, 1, best)
         naive1 = _find(result, "naive", model, 1)
@@ -726,6 +812,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-third-party", action="store_true", help="skip LitServe/BentoML")
     parser.add_argument(
+        "--paired-rounds", type=int, default=None, help="rounds of the paired ratios (6; 0: none)"
+    )
+    parser.add_argument(
         "--only", default=None, help="comma-separated servers to run (noop,ours,naive,...)"
     )
     parser.add_argument(
@@ -738,6 +827,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.duration = args.duration or (1.0 if args.quick else 4.0)
     args.repeat = args.repeat or (1 if args.quick else 3)
     args.clients = args.clients or ("1,8" if args.quick else "1,8,64")
+    if args.paired_rounds is None:
+        args.paired_rounds = 2 if args.quick else 6
     return args
 
 

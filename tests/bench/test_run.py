@@ -39,4 +39,8 @@ def test_quick_run_writes_every_row(tmp_path: Path, capsys: pytest.CaptureFixtur
     bound = result["bounds"]["digits"]  # no-op HTTP + raw compute, at 4 clients
     assert 0 < bound["bound_x_raw"] < 1
     assert bound["ours_x_bound"] > 0
+    pair = result["paired"]["pairs"]["digits: ours / noop"]  # both servers, alternately
+    assert len(pair["ratios"]) == 2
+    assert pair["ratio"] > 0
+    assert "resnet20: ours / raw batched" not in result["paired"]["pairs"]  # no ResNet here
     assert "figures:" in capsys.readouterr().out
