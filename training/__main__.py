@@ -168,18 +168,24 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    import torch.distributed as dist
+
     from training.data import DataError
     from training.export import ExportError
 
+    distributed = dist.is_available()
     try:
         _run(args)
+        if distributed and dist.is_initialized():
+            # Rank 0 still evaluates, checkpoints and exports after the others' last step:
+            # a rank that tore its process group down then (and exited) made gloo abort
+            # that rank ("terminate called without an active exception") under load.
+            dist.barrier()
     except (DataError, ExportError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
+        if distributed and dist.is_initialized():
             dist.destroy_process_group()
     return 0
 
