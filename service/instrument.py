@@ -609,6 +609,12 @@ def summarize_requests(
     return results
 
 
+def request_rows(sizes: Sequence[int]) -> list[slice]:
+    """The rows of a merged batch that belong to each request, ``sizes[i]`` rows each."""
+    bounds = np.cumsum([0, *sizes]).tolist()
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
 def _per_request(packed: np.ndarray, sizes: Sequence[int]) -> tuple[np.ndarray, ...]:
     """Column means (float64), maxima and minima of each request's rows: (R, width) each.
     One-sample requests (the usual case under load) are their own rows; numpy's reduceat
@@ -622,8 +628,7 @@ def _per_request(packed: np.ndarray, sizes: Sequence[int]) -> tuple[np.ndarray, 
             packed.max(axis=0, keepdims=True),
             packed.min(axis=0, keepdims=True),
         )
-    bounds = np.cumsum([0, *sizes]).tolist()
-    parts = [packed[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    parts = [packed[rows] for rows in request_rows(sizes)]
     return (
         np.stack([p.sum(axis=0, dtype=np.float64) / p.shape[0] for p in parts]),
         np.stack([p.max(axis=0) for p in parts]),

@@ -38,6 +38,7 @@ from service.instrument import (
     infer_tensor_shapes,
     instrument_model,
     per_sample_active,
+    request_rows,
     summarize_requests,
 )
 from service.metadata import ModelMetadata, Preprocessing, ReferenceProfile
@@ -75,9 +76,10 @@ _WARMUP_DIM = 32
 
 # On a GPU provider every new input shape makes onnxruntime plan each convolution again
 # (onnxruntime-gpu 1.31, cuDNN 9, H100, ResNet-20: 130-390 ms per run with the batch sizes
-# dynamic batching forms, 0.5-0.9 ms per run at one size; 105 -> 7,591 req/s at 64 clients,
-# bench/results/gpu-h100.json). So there, runs are padded with zero rows to one batch size,
-# ``LoadedModel.load``'s ``gpu_batch`` (the batcher's largest), and warmed up at it.
+# dynamic batching forms, 0.5-0.9 ms per run at one size; 105 -> 7,191 req/s at 64 clients,
+# bench/results/gpu-h100.json and gpu-h100-fixed.json). So there, runs are padded with zero
+# rows to one batch size, ``LoadedModel.load``'s ``gpu_batch`` (the batcher's largest), and
+# warmed up at it.
 
 
 class ModelInputError(ValueError):
@@ -386,7 +388,8 @@ class LoadedModel:
             stats_error = f"statistics unavailable: instrumenting the graph failed ({exc})"
             log.error("model %s version %s: %s", name, version, stats_error)
 
-        dynamic_batch = (_dims(input_info) or [None])[0] is None
+        input_shape = _dims(input_info)
+        dynamic_batch = not input_shape or input_shape[0] is None
         run_size = gpu_batch if choice.used[0] != CPU and dynamic_batch else None
         input_type = input_info.type.tensor_type
         dtype = _ORT_DTYPES.get(
@@ -399,7 +402,7 @@ class LoadedModel:
             path=path,
             metadata=metadata,
             input_name=input_info.name,
-            input_shape=_dims(input_info),
+            input_shape=input_shape,
             input_dtype=dtype,
             output_name=output_name,
             output_kind=_output_kind(graph, output_name),
@@ -523,8 +526,7 @@ class LoadedModel:
     ) -> list[RunResult]:
         """Each request's result from ``run_batch``'s outputs: probabilities, and statistics
         summarised over the request's own rows."""
-        bounds = np.cumsum([0, *sizes]).tolist()
-        parts = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        parts = request_rows(sizes)
         raw = values[0]
         probs = self._probabilities(raw)
         if stats[0] == "none":
