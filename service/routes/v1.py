@@ -200,17 +200,9 @@ def encode_prediction(
         answer["stats"] = {
             "level": stats,
             "samples": int(result.probabilities.shape[0]),
-            "layers": [encode_layer_stats(layer, stats) for layer in result.layer_stats],
+            "layers": result.layer_stats,  # JSON-ready; per-channel rates only for "channels"
         }
     return answer
-
-
-def encode_layer_stats(layer: Any, stats: str) -> dict[str, Any]:
-    """One layer's statistics as JSON; per-channel active rates only for ``channels``."""
-    data = layer.to_dict() if hasattr(layer, "to_dict") else dict(vars(layer))
-    if stats != "channels":
-        data.pop("channel_activity", None)
-    return data
 
 
 @router.get(

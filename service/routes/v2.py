@@ -219,7 +219,7 @@ async def infer(request: Request) -> Response:
 
 def build_outputs(result: RunResult, names: list[str], output_name: str) -> dict[str, np.ndarray]:
     """The arrays of the requested outputs from one run's result."""
-    by_layer = {layer.name: layer for layer in (result.layer_stats or [])}
+    by_layer = {layer["name"]: layer for layer in (result.layer_stats or [])}
     arrays: dict[str, np.ndarray] = {}
     for name in names:
         if name in (output_name, "logits"):
@@ -232,8 +232,8 @@ def build_outputs(result: RunResult, names: list[str], output_name: str) -> dict
                 per_sample = (result.per_sample_active or {})[layer_name]
                 arrays[name] = np.asarray(per_sample, dtype=np.float32)
             elif quantity == "dead_units":
-                arrays[name] = np.asarray([by_layer[layer_name].dead_units], dtype=np.int32)
+                arrays[name] = np.asarray([by_layer[layer_name]["dead_units"]], dtype=np.int32)
             else:
-                value = getattr(by_layer[layer_name], quantity)
+                value = by_layer[layer_name][quantity]
                 arrays[name] = np.asarray([np.nan if value is None else value], dtype=np.float32)
     return arrays

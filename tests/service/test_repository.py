@@ -71,7 +71,7 @@ def test_unknown_version_lists_the_versions(repo: ModelRepository) -> None:
 def test_loaded_models_answer(repo: ModelRepository) -> None:
     result = repo.get("foreign").run(reference_inputs(2, (3, 16, 16)), "summary")
     assert result.probabilities.shape == (2, 5)
-    assert [s.kind for s in result.layer_stats] == ["leaky_relu", "sigmoid"]
+    assert [s["kind"] for s in result.layer_stats] == ["leaky_relu", "sigmoid"]
 
 
 def test_one_monitor_per_model_bound_to_latest(repo: ModelRepository) -> None:
