@@ -19,7 +19,10 @@ by bench/make_models.py), each at 1, 8 and 64 concurrent clients:
    separate venv ``.venv-bench`` (bench/setup_third_party.sh); a row says why it is missing;
 5. ``ours``: JSON with a base64 tensor, raw ``application/octet-stream``, v2 binary tensor
    extension, multipart PNG upload; statistics off, and on (``stats=summary``) for JSON and
-   binary.
+   binary;
+6. ``ours-mp``, an experiment: ``--processes`` copies of ours on one port, each with its own
+   ``SO_REUSEPORT`` socket and a share of the onnxruntime threads (bench/apps/reuseport.py),
+   binary requests, statistics off and on. The service itself runs one process.
 
 Load: wrk (Debian's ``apt-get install wrk``; ~20-40 us CPU per request) with one thread and
 N connections (= clients), a Lua script per body, ``--duration`` seconds per cell, each cell
@@ -34,7 +37,8 @@ HTTP cost only what the no-op's does (its CPU and wrk's, per request) and whose 
 cost only what raw batched onnxruntime's does, with no core ever idle, could serve the cores'
 CPU time divided by the sum of the two per request. Then the figures' three ratios once
 more, paired (``--paired-rounds``, ``run_paired``): both sides measured back to back, round
-after round, so that drifts in the host's speed cancel out.
+after round, so that drifts in the host's speed cancel out; and the same ratios for
+``ours-mp``.
 """
 
 from __future__ import annotations
@@ -427,6 +431,20 @@ def build_servers(
                 continue
             ours.requests[f"{m}:{kind}"] = request
     servers.append(ours)
+    if args.processes > 1:  # an experiment: the service runs one process (see reuseport.py)
+        launcher = [PY, "bench/apps/reuseport.py", "--processes", str(args.processes)]
+        launcher += ["--host", "127.0.0.1", "--port", "{port}", "--", PY, "-m", "service"]
+        threads = str(max(1, args.threads // args.processes))
+        multi = Server(
+            MULTI,
+            [*launcher, "--log-level", "warning", "--no-access-log"],
+            {**ours_env, "RELU_SERVE_INTRA_OP_THREADS": threads},
+            "/health/ready",
+        )
+        for key, request in ours.requests.items():
+            if key.endswith((":binary", ":binary+stats")):
+                multi.requests[key] = request
+        servers.append(multi)
     for m in models:
         path = str(repo / m / "1" / "model.onnx")
         x = inputs[m][1]
@@ -500,6 +518,7 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
             "clients": clients,
             "uvicorn_workers": args.workers,
             "ours_intra_op_threads": args.threads,
+            "multi_processes": args.processes,
             "ours_env": args.ours_env,
             "quick": args.quick,
             "cpus": os.cpu_count(),
@@ -574,6 +593,18 @@ PAIRS = (
     ("resnet20: stats on / off", ("ours", "resnet20:binary+stats"), ("ours", "resnet20:binary")),
     ("resnet20: ours / raw batched", ("ours", "resnet20:binary"), "raw"),
 )
+# The same ratios for ``--processes`` copies of our service on one port (``MULTI``): not
+# figures of the service, which runs one process, but what more processes would give.
+MULTI = "ours-mp"
+EXPERIMENT_PAIRS = (
+    ("digits: ours-mp / noop", (MULTI, "digits:binary"), ("noop", "digits:binary")),
+    (
+        "resnet20: ours-mp stats on / off",
+        (MULTI, "resnet20:binary+stats"),
+        (MULTI, "resnet20:binary"),
+    ),
+    ("resnet20: ours-mp / raw batched", (MULTI, "resnet20:binary"), "raw"),
+)
 
 
 def run_paired(
@@ -594,7 +625,7 @@ def run_paired(
     def runs(side: Any) -> bool:
         return side == "raw" or (side[0] in usable and side[1] in usable[side[0]].requests)
 
-    wanted = [pair for pair in PAIRS if runs(pair[1]) and runs(pair[2])]
+    wanted = [pair for pair in PAIRS + EXPERIMENT_PAIRS if runs(pair[1]) and runs(pair[2])]
     names = sorted({side[0] for _, *sides in wanted for side in sides if side != "raw"})
     procs, ports = {}, {}
     raw = {}
@@ -693,12 +724,14 @@ def http_bounds(result: dict[str, Any]) -> dict[str, dict[str, float]]:
         compute_us = cpus * 1e6 / raw["batched_ips"]
         rps = cpus * 1e6 / (http_us + compute_us)
         ours = _find(result, "ours", model, clients, "binary")
+        multi = _find(result, MULTI, model, clients, "binary")
         bounds[model] = {
             "http_us_per_request": http_us,
             "compute_us_per_image": compute_us,
             "bound_rps": rps,
             "bound_x_raw": rps / raw["batched_ips"],
             "ours_x_bound": ours["rps"] / rps if ours else None,
+            "ours_mp_x_bound": multi["rps"] / rps if multi else None,
             "clients": clients,
         }
     return bounds
@@ -728,8 +761,10 @@ def check_figures(result: dict[str, Any]) -> list[dict[str, Any]]:
         if stock:  # for reference: the ceiling with uvicorn's own protocol
             add("digits 64 clients: x noop on stock uvicorn", d64["rps"] / stock["rps"], 0.8)
         add("digits 64 clients: x naive", d64["x_naive"], 3.0)
-    for label, pair in result.get("paired", {}).get("pairs", {}).items():
-        add(f"paired, {label}", pair["ratio"], 0.8)  # each pair is one of the 0.8x figures
+    for label, *_ in PAIRS:  # each pair is one of the 0.8x figures
+        pair = result.get("paired", {}).get("pairs", {}).get(label)
+        if pair:
+            add(f"paired, {label}", pair["ratio"], 0.8)
     for model in MODELS:
         ours1 = _find(result, "ours", model, 1, best)
         naive1 = _find(result, "naive", model, 1)
@@ -796,6 +831,12 @@ def print_report(result: dict[str, Any]) -> None:
     for f in result["figures"]:
         mark = {True: "met", False: "NOT met", None: "?"}[f["met"]]
         print(f"  {f['figure']:45} {_fmt(f['value'], '.2f'):>6} (target {f['target']}) {mark}")
+    pairs = result.get("paired", {}).get("pairs", {})
+    processes = result["settings"].get("multi_processes")
+    for label in [label for label, *_ in EXPERIMENT_PAIRS if label in pairs]:
+        if label == EXPERIMENT_PAIRS[0][0]:
+            print(f"\nexperiment, {MULTI} = {processes} processes of ours on one port:")
+        print(f"  paired, {label:37} {pairs[label]['ratio']:>6.2f}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -807,6 +848,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clients", default=None, help="concurrent clients (1,8,64)")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers per server")
     parser.add_argument("--threads", type=int, default=2, help="our onnxruntime threads")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=2,
+        help=f"also run this many copies of ours on one port, {MULTI} (2; 0 or 1: not)",
+    )
     parser.add_argument(
         "--ours-env", action="append", default=[], help="extra KEY=VALUE for our server"
     )

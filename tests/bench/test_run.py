@@ -4,7 +4,9 @@ drives them, the table and the JSON come out. Needs wrk; not LitServe or BentoML
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,8 @@ def test_quick_run_writes_every_row(tmp_path: Path, capsys: pytest.CaptureFixtur
         ("ours", "binary", 1),
         ("ours", "json-b64", 4),
         ("ours", "binary+stats", 4),
+        ("ours-mp", "binary", 4),
+        ("ours-mp", "binary+stats", 4),
     ]:
         cell = cells[key]
         assert "error" not in cell, cell
@@ -43,4 +47,39 @@ def test_quick_run_writes_every_row(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert len(pair["ratios"]) == 2
     assert pair["ratio"] > 0
     assert "resnet20: ours / raw batched" not in result["paired"]["pairs"]  # no ResNet here
-    assert "figures:" in capsys.readouterr().out
+    assert result["paired"]["pairs"]["digits: ours-mp / noop"]["ratio"] > 0
+    assert bound["ours_mp_x_bound"] > 0
+    # The experiment's pairs are reported apart, not as figures of the service.
+    assert not any("ours-mp" in f["figure"] for f in result["figures"])
+    out = capsys.readouterr().out
+    assert "figures:" in out
+    assert "experiment, ours-mp = 2 processes" in out
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk (apt-get install wrk)")
+def test_reuseport_spreads_connections_over_its_processes(tmp_path: Path) -> None:
+    """Two copies of the no-op server on one port: 16 keep-alive connections reach both (all
+    16 hashing to one socket has a chance of 2 in 65,536), and SIGTERM stops both."""
+    port = run.free_port()
+    argv = [run.PY, "bench/apps/reuseport.py", "--processes", "2", "--port", str(port), "--"]
+    server = run.Server(
+        "noop-2p", [*argv, run.PY, "-m", "uvicorn", "bench.apps.noop:app"], {}, "/health"
+    )
+    proc = run.start_server(server, port, tmp_path / "log")
+    try:
+        children = [
+            int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        ]
+        assert len(children) == 2
+        before = [run.tree_cpu_seconds(c) for c in children]
+        request = run.Request("/noop", {"Content-Type": "application/octet-stream"}, b"x" * 64)
+        result = run.run_wrk(port, request, 16, 2, tmp_path, proc.pid)
+        assert result["errors"] == 0
+        assert result["requests"] > 100
+        used = [run.tree_cpu_seconds(c) - b for c, b in zip(children, before, strict=True)]
+        assert min(used) > 0.1 * max(used), used  # each process did a share of the work
+        os.kill(proc.pid, signal.SIGTERM)  # the launcher alone: it stops its copies
+        assert proc.wait(15) == 0
+        assert not any(Path(f"/proc/{child}").exists() for child in children)  # reaped
+    finally:
+        run.stop_server(proc)
