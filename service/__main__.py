@@ -4,6 +4,10 @@ service's HTTP protocol (``service.http``: one system call per response).
 Every uvicorn option works as on uvicorn's own command line (``--host``, ``--port``,
 ``--workers``, ``--log-level``, ``--reload``, ...); a later ``--http`` overrides ours.
 ``uvicorn service.main:app`` serves the same app with uvicorn's stock protocol.
+
+``--workers N`` starts N independent copies: each loads the models and keeps its own model
+changes, live statistics and metrics, and they share one listening socket unevenly (README,
+"More processes"). One process (the default) is the supported way to run the service.
 """
 
 from __future__ import annotations
