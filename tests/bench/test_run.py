@@ -57,10 +57,10 @@ def test_quick_run_writes_every_row(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk (apt-get install wrk)")
-def test_reuseport_spreads_connections_over_its_processes(tmp_path: Path) -> None:
-    """Two copies of the no-op server on one port: 32 keep-alive connections reach both (the
-    kernel hashes each to a socket: a split worse than 3 / 29 has a chance of ~1 in 4 million),
-    and SIGTERM to the launcher stops both."""
+def test_reuseport_serves_from_every_copy_and_stops_them(tmp_path: Path) -> None:
+    """Two copies of the no-op server on one port: 32 keep-alive connections reach both, each
+    doing a share of the work (the kernel hashes each connection to a socket: a split worse
+    than 3 / 29 has a chance of ~1 in 4 million), and SIGTERM to the launcher stops both."""
     port = run.free_port()
     argv = [run.PY, "bench/apps/reuseport.py", "--processes", "2", "--port", str(port), "--"]
     server = run.Server(
