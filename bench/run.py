@@ -1,7 +1,7 @@
 """Serving benchmark: our service against raw onnxruntime, the HTTP ceiling, a naive server,
 LitServe and BentoML, side by side in one run; prints a table and writes JSON.
 
-    python bench/run.py --out bench/results/run.json          # full (~19 min)
+    python bench/run.py --out bench/results/run.json          # full (~30 min)
     python bench/run.py --quick --out /tmp/quick.json         # smoke run (~1 min)
 
 Rows, for the default model (digits, 1x8x8) and a ResNet-20 (3x32x32, random weights, built
@@ -22,7 +22,11 @@ by bench/make_models.py), each at 1, 8 and 64 concurrent clients:
    binary;
 6. ``ours-mp``, an experiment: ``--processes`` copies of ours on one port, each with its own
    ``SO_REUSEPORT`` socket and a share of the onnxruntime threads (bench/apps/reuseport.py),
-   binary requests, statistics off and on. The service itself runs one process.
+   binary requests, statistics off and on. The service itself runs one process;
+7. ``proto`` and ``proto-asgi``: issue 4's throwaway prototype (greedy batching, one inference
+   thread, raw float32 bodies, no validation or metrics; bench/apps/prototype.py), on its own
+   asyncio HTTP and as a plain ASGI app on uvicorn: what the ``x raw`` figure asks of a
+   batching server with nothing else to do.
 
 Load: wrk (Debian's ``apt-get install wrk``; ~20-40 us CPU per request) with one thread and
 N connections (= clients), a Lua script per body, ``--duration`` seconds per cell, each cell
@@ -38,7 +42,7 @@ cost only what raw batched onnxruntime's does, with no core ever idle, could ser
 CPU time divided by the sum of the two per request. Then the figures' three ratios once
 more, paired (``--paired-rounds``, ``run_paired``): both sides measured back to back, round
 after round, so that drifts in the host's speed cancel out; and the same ratios for
-``ours-mp``.
+``ours-mp`` and the prototypes.
 """
 
 from __future__ import annotations
@@ -457,6 +461,15 @@ def build_servers(
             json.dumps({"data": x.tolist()}).encode(),
         )
         servers.append(naive)
+        # Issue 4's prototype (references for x raw): bare asyncio, and the same on uvicorn.
+        binary = Request("/predict", {"Content-Type": "application/octet-stream"}, x.tobytes())
+        bare = [PY, "bench/apps/prototype.py", path, "--port", "{port}"]
+        proto = Server("proto", bare, {}, "/health")
+        proto.requests[f"{m}:binary"] = binary
+        asgi = [*uvicorn, "--http", HTTP_PROTOCOL, "bench.apps.prototype:app"]
+        proto_asgi = Server("proto-asgi", asgi, {"BENCH_MODEL": path}, "/health")
+        proto_asgi.requests[f"{m}:binary"] = binary
+        servers += [proto, proto_asgi]
         if args.quick or args.no_third_party:
             continue
         bench_py = BENCH_VENV / "bin" / "python"
@@ -593,8 +606,9 @@ PAIRS = (
     ("resnet20: stats on / off", ("ours", "resnet20:binary+stats"), ("ours", "resnet20:binary")),
     ("resnet20: ours / raw batched", ("ours", "resnet20:binary"), "raw"),
 )
-# The same ratios for ``--processes`` copies of our service on one port (``MULTI``): not
-# figures of the service, which runs one process, but what more processes would give.
+# Not figures of the service: the same ratios for ``--processes`` copies of it on one port
+# (``MULTI``; the service runs one process), and for issue 4's prototype, bare and on uvicorn
+# (bench/apps/prototype.py), the references for what the figures ask.
 MULTI = "ours-mp"
 EXPERIMENT_PAIRS = (
     ("digits: ours-mp / noop", (MULTI, "digits:binary"), ("noop", "digits:binary")),
@@ -604,6 +618,9 @@ EXPERIMENT_PAIRS = (
         (MULTI, "resnet20:binary"),
     ),
     ("resnet20: ours-mp / raw batched", (MULTI, "resnet20:binary"), "raw"),
+    ("resnet20: proto / raw batched", ("proto", "resnet20:binary"), "raw"),
+    ("resnet20: proto-asgi / raw batched", ("proto-asgi", "resnet20:binary"), "raw"),
+    ("digits: proto-asgi / noop", ("proto-asgi", "digits:binary"), ("noop", "digits:binary")),
 )
 
 
@@ -620,13 +637,24 @@ def run_paired(
     which the matrix (one server after the other, minutes apart) turns into errors in its
     ratios, hit both sides of a round alike."""
     only = args.only.split(",") if args.only else None
-    usable = {s.name: s for s in servers if not s.unavailable and (only is None or s.name in only)}
+    usable = [s for s in servers if not s.unavailable and (only is None or s.name in only)]
 
-    def runs(side: Any) -> bool:
-        return side == "raw" or (side[0] in usable and side[1] in usable[side[0]].requests)
+    def server_of(side: Any) -> Server | None:
+        """The server that answers ``side``'s request (naive and the prototypes run one
+        server per model under one name)."""
+        return next((s for s in usable if s.name == side[0] and side[1] in s.requests), None)
 
-    wanted = [pair for pair in PAIRS + EXPERIMENT_PAIRS if runs(pair[1]) and runs(pair[2])]
-    names = sorted({side[0] for _, *sides in wanted for side in sides if side != "raw"})
+    wanted = [
+        pair
+        for pair in PAIRS + EXPERIMENT_PAIRS
+        if all(side == "raw" or server_of(side) for side in pair[1:])
+    ]
+    needed = {
+        id(server): server
+        for _, *sides in wanted
+        for side in sides
+        if side != "raw" and (server := server_of(side))
+    }
     procs, ports = {}, {}
     raw = {}
     if any("raw" in sides for _, *sides in wanted):
@@ -636,15 +664,15 @@ def run_paired(
     def measure(side: Any, n_clients: int, seconds: float) -> float:
         if side == "raw":
             return raw_rate(raw["session"], raw["batch"], seconds)
-        name, key = side
-        request = usable[name].requests[key]
-        return run_wrk(ports[name], request, n_clients, seconds, workdir, procs[name].pid)["rps"]
+        server = server_of(side)
+        port, pid = ports[id(server)], procs[id(server)].pid
+        return run_wrk(port, server.requests[side[1]], n_clients, seconds, workdir, pid)["rps"]
 
     out: dict[str, Any] = {"rounds": args.paired_rounds, "clients": clients, "pairs": {}}
     try:
-        for name in names:
-            ports[name] = free_port()
-            procs[name] = start_server(usable[name], ports[name], workdir / f"{name}-paired.log")
+        for key, server in needed.items():
+            ports[key] = free_port()
+            procs[key] = start_server(server, ports[key], workdir / f"paired-{key}.log")
         for label, top, bottom in wanted:
             measure(top, 8, 1)  # warm-up
             measure(bottom, 8, 1)
@@ -832,11 +860,15 @@ def print_report(result: dict[str, Any]) -> None:
         mark = {True: "met", False: "NOT met", None: "?"}[f["met"]]
         print(f"  {f['figure']:45} {_fmt(f['value'], '.2f'):>6} (target {f['target']}) {mark}")
     pairs = result.get("paired", {}).get("pairs", {})
-    processes = result["settings"].get("multi_processes")
-    for label in [label for label, *_ in EXPERIMENT_PAIRS if label in pairs]:
-        if label == EXPERIMENT_PAIRS[0][0]:
-            print(f"\nexperiment, {MULTI} = {processes} processes of ours on one port:")
-        print(f"  paired, {label:37} {pairs[label]['ratio']:>6.2f}")
+    experiments = [label for label, *_ in EXPERIMENT_PAIRS if label in pairs]
+    if experiments:
+        processes = result["settings"].get("multi_processes")
+        print(
+            f"\nexperiments, not figures: {MULTI} = {processes} processes of ours on one port; "
+            "proto = issue 4's prototype (bench/apps/prototype.py), proto-asgi = on uvicorn:"
+        )
+    for label in experiments:
+        print(f"  paired, {label:43} {pairs[label]['ratio']:>6.2f}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

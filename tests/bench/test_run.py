@@ -31,6 +31,8 @@ def test_quick_run_writes_every_row(tmp_path: Path, capsys: pytest.CaptureFixtur
         ("ours", "binary+stats", 4),
         ("ours-mp", "binary", 4),
         ("ours-mp", "binary+stats", 4),
+        ("proto", "binary", 4),
+        ("proto-asgi", "binary", 4),
     ]:
         cell = cells[key]
         assert "error" not in cell, cell
@@ -47,13 +49,14 @@ def test_quick_run_writes_every_row(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert len(pair["ratios"]) == 2
     assert pair["ratio"] > 0
     assert "resnet20: ours / raw batched" not in result["paired"]["pairs"]  # no ResNet here
-    assert result["paired"]["pairs"]["digits: ours-mp / noop"]["ratio"] > 0
+    for label in ("digits: ours-mp / noop", "digits: proto-asgi / noop"):
+        assert result["paired"]["pairs"][label]["ratio"] > 0
     assert bound["ours_mp_x_bound"] > 0
-    # The experiment's pairs are reported apart, not as figures of the service.
-    assert not any("ours-mp" in f["figure"] for f in result["figures"])
+    # The experiments' pairs are reported apart, not as figures of the service.
+    assert not any(k in f["figure"] for f in result["figures"] for k in ("ours-mp", "proto"))
     out = capsys.readouterr().out
     assert "figures:" in out
-    assert "experiment, ours-mp = 2 processes" in out
+    assert "experiments, not figures: ours-mp = 2 processes" in out
 
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk (apt-get install wrk)")
