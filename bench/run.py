@@ -391,6 +391,19 @@ def _children_cpu_seconds() -> float:
 # --------------------------------------------------------------------------- the matrix
 
 
+def octet_stream(path: str, body: bytes) -> Request:
+    """A POST of raw bytes (``application/octet-stream``), for the servers that take them
+    without a shape header."""
+    return Request(path, {"Content-Type": "application/octet-stream"}, body)
+
+
+def reuseport_argv(processes: int, command: list[str]) -> list[str]:
+    """``command`` run as ``processes`` copies on one port (``{port}``), each with its own
+    SO_REUSEPORT socket passed as ``--fd`` (bench/apps/reuseport.py)."""
+    launcher = [PY, "bench/apps/reuseport.py", "--processes", str(processes)]
+    return [*launcher, "--host", "127.0.0.1", "--port", "{port}", "--", *command]
+
+
 def build_servers(
     repo: Path, models: list[str], args: argparse.Namespace
 ) -> tuple[list[Server], dict]:
@@ -415,9 +428,7 @@ def build_servers(
     stock = Server("noop-stock", [*uvicorn, "bench.apps.noop:app"], {}, "/health")
     for server in (noop, stock):
         for m in models:
-            server.requests[f"{m}:binary"] = Request(
-                "/noop", {"Content-Type": "application/octet-stream"}, inputs[m][1].tobytes()
-            )
+            server.requests[f"{m}:binary"] = octet_stream("/noop", inputs[m][1].tobytes())
         servers.append(server)
     ours_env = {
         "RELU_SERVE_MODEL_ROOT": str(repo),
@@ -436,12 +447,11 @@ def build_servers(
             ours.requests[f"{m}:{kind}"] = request
     servers.append(ours)
     if args.processes > 1:  # an experiment: the service runs one process (see reuseport.py)
-        launcher = [PY, "bench/apps/reuseport.py", "--processes", str(args.processes)]
-        launcher += ["--host", "127.0.0.1", "--port", "{port}", "--", PY, "-m", "service"]
+        command = [PY, "-m", "service", "--log-level", "warning", "--no-access-log"]
         threads = str(max(1, args.threads // args.processes))
         multi = Server(
             MULTI,
-            [*launcher, "--log-level", "warning", "--no-access-log"],
+            reuseport_argv(args.processes, command),
             {**ours_env, "RELU_SERVE_INTRA_OP_THREADS": threads},
             "/health/ready",
         )
@@ -462,7 +472,7 @@ def build_servers(
         )
         servers.append(naive)
         # Issue 4's prototype (references for x raw): bare asyncio, and the same on uvicorn.
-        binary = Request("/predict", {"Content-Type": "application/octet-stream"}, x.tobytes())
+        binary = octet_stream("/predict", x.tobytes())
         bare = [PY, "bench/apps/prototype.py", path, "--port", "{port}"]
         proto = Server("proto", bare, {}, "/health")
         proto.requests[f"{m}:binary"] = binary

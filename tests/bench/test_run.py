@@ -65,10 +65,8 @@ def test_reuseport_serves_from_every_copy_and_stops_them(tmp_path: Path) -> None
     doing a share of the work (the kernel hashes each connection to a socket: a split worse
     than 3 / 29 has a chance of ~1 in 4 million), and SIGTERM to the launcher stops both."""
     port = run.free_port()
-    argv = [run.PY, "bench/apps/reuseport.py", "--processes", "2", "--port", str(port), "--"]
-    server = run.Server(
-        "noop-2p", [*argv, run.PY, "-m", "uvicorn", "bench.apps.noop:app"], {}, "/health"
-    )
+    argv = run.reuseport_argv(2, [run.PY, "-m", "uvicorn", "bench.apps.noop:app"])
+    server = run.Server("noop-2p", argv, {}, "/health")
     proc = run.start_server(server, port, tmp_path / "log")
     try:
         children = [
@@ -76,7 +74,7 @@ def test_reuseport_serves_from_every_copy_and_stops_them(tmp_path: Path) -> None
         ]
         assert len(children) == 2
         before = [run.tree_cpu_seconds(c) for c in children]
-        request = run.Request("/noop", {"Content-Type": "application/octet-stream"}, b"x" * 64)
+        request = run.octet_stream("/noop", b"x" * 64)
         result = run.run_wrk(port, request, 32, 2, tmp_path, proc.pid)
         assert result["errors"] == 0
         assert result["requests"] > 100
