@@ -54,7 +54,7 @@ from bench.run import (  # noqa: E402
     start_server,
     stop_server,
 )
-from service.runtime import session_options  # noqa: E402
+from service.runtime.providers import session_options  # noqa: E402
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 MODELS = ("digits", "resnet20")

@@ -39,9 +39,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from service.model import LoadedModel
-from service.runtime import available_cpus, session_options
-from training.models import create_model
+from service.runtime.loaded_model import LoadedModel
+from service.runtime.providers import available_cpus, session_options
+from training.architectures import create_model
 
 MODELS = {
     "resnet20": {"activation": "relu", "in_channels": 3, "image_size": (32, 32)},

@@ -1,6 +1,6 @@
 """The benchmark's model repository: the shipped default model and a ResNet-20 (3x32x32).
 
-The ResNet-20 is ``training.models.create_model("resnet20", ...)`` with random weights,
+The ResNet-20 is ``training.architectures.create_model("resnet20", ...)`` with random weights,
 exported by ``training.export.export_model`` (dynamic batch axis, parity check, metadata) on
 random held-out data: it is not accurate, only the right shape and cost. Needs torch (the
 bench may import it; the service never does).
@@ -34,8 +34,8 @@ def export_resnet20(root: Path) -> Path:
     import torch
 
     from service.metadata import Preprocessing
+    from training.architectures import create_model
     from training.export import export_model
-    from training.models import create_model
 
     torch.manual_seed(0)
     model = create_model("resnet20", in_channels=3, image_size=(32, 32)).eval()

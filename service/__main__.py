@@ -1,5 +1,5 @@
 """``python -m service [uvicorn options]``: uvicorn serving ``service.main:app`` with the
-service's HTTP protocol (``service.http``: one system call per response).
+service's HTTP protocol (``service.server.protocol``: one system call per response).
 
 Every uvicorn option works as on uvicorn's own command line (``--host``, ``--port``,
 ``--workers``, ``--log-level``, ``--reload``, ...); a later ``--http`` overrides ours.
@@ -17,7 +17,7 @@ import sys
 import uvicorn.main
 
 APP = "service.main:app"
-HTTP_PROTOCOL = "service.http:HttpToolsProtocol"
+HTTP_PROTOCOL = "service.server.protocol:HttpToolsProtocol"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,17 +9,17 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.middleware import Middleware
 
-from service.dataplane import DataPlane
-from service.errors import BASE_EXCEPTION_HANDLERS, handle_model_input, handle_model_not_found
-from service.hotpath import HotRoutes, ServiceApp
-from service.images import configure_pillow
-from service.lifecycle import GracefulShutdown
-from service.logs import configure_logging
-from service.metrics import ServiceMetrics
-from service.middleware import BodyLimitMiddleware, MetricsMiddleware
-from service.model import ModelInputError
-from service.repository import ModelNotFoundError
-from service.routes import health, management, metrics, ui, v1, v2
+from service.api.errors import BASE_EXCEPTION_HANDLERS, handle_model_input, handle_model_not_found
+from service.api.middleware import BodyLimitMiddleware, MetricsMiddleware
+from service.api.routes import health, management, metrics, ui, v1, v2
+from service.core.dataplane import DataPlane
+from service.core.images import configure_pillow
+from service.core.metrics import ServiceMetrics
+from service.core.repository import ModelNotFoundError
+from service.runtime.loaded_model import ModelInputError
+from service.server.dispatch import HotRoutes, ServiceApp
+from service.server.logs import configure_logging
+from service.server.shutdown import GracefulShutdown
 from service.settings import ServiceSettings, load_settings
 
 TAGS = [
@@ -32,7 +32,7 @@ TAGS = [
 ]
 
 GC_YOUNG_THRESHOLD = 20_000
-HOT_ENDPOINTS = (v1.predict, v2.infer)  # the routes that carry the traffic (service.hotpath)
+HOT_ENDPOINTS = (v1.predict, v2.infer)  # the routes that carry the traffic (service.server.dispatch)
 TELEMETRY_OFF = {"tracing": False, "metrics": False, "logs": False}
 
 

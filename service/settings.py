@@ -26,8 +26,8 @@ DEFAULT_MODEL_ROOT = Path(__file__).resolve().parent.parent / "models"
 def _default_threads() -> int:
     """CPUs this process may really use (cgroup quota and affinity), from the runtime module."""
     try:
-        from service.runtime import available_cpus
-    except ImportError:  # pragma: no cover - only while service/runtime.py does not exist
+        from service.runtime.providers import available_cpus
+    except ImportError:  # pragma: no cover - only while service/runtime/providers.py does not exist
         return max(1, len(os.sched_getaffinity(0)))
     return available_cpus()
 
@@ -74,7 +74,7 @@ class ServiceSettings(BaseSettings):
     intra_op_threads: int = Field(default_factory=_default_threads, ge=1)
     """onnxruntime intra-op threads per session; defaults to the CPUs the container really has
     (cgroup CPU quota and affinity, not the host's core count). Models under
-    ``service.model.SMALL_MODEL_MACS`` multiply-accumulates per sample use one."""
+    ``service.runtime.loaded_model.SMALL_MODEL_MACS`` multiply-accumulates per sample use one."""
 
     inference_workers: int = Field(default=1, ge=1, le=64)
     """Inference threads per model version, each running one (batched) run at a time, off the
@@ -83,7 +83,7 @@ class ServiceSettings(BaseSettings):
     (ResNet-20, 64 clients)."""
 
     inline_small_models: bool = True
-    """Run the batches of small models (``service.model.SMALL_MODEL_MACS``) on the event loop
+    """Run the batches of small models (``service.runtime.loaded_model.SMALL_MODEL_MACS``) on the event loop
     instead of an inference thread: their runs are shorter than the hand-off (the default
     model at 1 client: p50 0.36 -> 0.29 ms; at 64 clients 20% less CPU per request).
     Requests that reach the loop in the same step share a run; a run on the loop cannot be
@@ -156,7 +156,7 @@ class ServiceSettings(BaseSettings):
     shutdown_delay_s: float = Field(default=0.0, ge=0.0, le=300.0)
     """Seconds between SIGTERM and the server's stop during which readiness already answers
     503 while requests are still served, so load balancers stop routing here first
-    (``service/lifecycle.py``); then requests in flight get uvicorn's
+    (``service/server/shutdown.py``); then requests in flight get uvicorn's
     ``--timeout-graceful-shutdown`` to finish. 5 in ``deploy/``; 0 stops at once."""
 
     management_api_key: SecretStr | None = None

@@ -67,8 +67,8 @@ def _size(text: str) -> tuple[int, int]:
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
     """The training flags, shared by `train` and `compare`."""
+    from training.architectures import INITS, list_models
     from training.data import DATA_KINDS
-    from training.models import INITS, list_models
 
     d = TrainConfig()
     g = parser.add_argument_group("data")

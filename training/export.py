@@ -29,7 +29,7 @@ from service.metadata import (
     Preprocessing,
     ReferenceProfile,
 )
-from training.models import activation_kind, activation_layers
+from training.architectures import activation_kind, activation_layers
 from training.stats import LayerStats, measure_layers
 
 log = logging.getLogger(__name__)

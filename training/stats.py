@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.metadata import SATURATING_KINDS, LayerProfile
-from training.models import ACTIVATION_MODULES, activation_kind
+from training.architectures import ACTIVATION_MODULES, activation_kind
 
 # Derivative below 1% of its peak. sigmoid' = s(1 - s), peak 1/4; tanh' = 1 - t^2, peak 1.
 SIGMOID_SATURATED = 0.01 * 0.25

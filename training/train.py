@@ -22,9 +22,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from training.architectures import ActivationSpec, count_parameters, create_model
 from training.config import OPTIMIZERS, SCHEDULES, TrainConfig
 from training.data import DataBundle, load_data
-from training.models import ActivationSpec, count_parameters, create_model
 from training.stats import measure_layers
 
 log = logging.getLogger(__name__)

@@ -40,7 +40,7 @@ def image_bytes(
 
 
 def tiny_preprocess(data: bytes) -> np.ndarray:
-    """The tiny fixture model's preprocessing, written independently of service.images:
+    """The tiny fixture model's preprocessing, written independently of service.core.images:
     grayscale, bilinear 8x8, [0, 1], (x - 0.5) / 0.25 -> (1, 1, 8, 8) float32."""
     image = Image.open(io.BytesIO(data)).convert("L").resize((8, 8), Image.Resampling.BILINEAR)
     x = np.asarray(image, dtype=np.float32) / 255.0

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from service.metadata import ModelMetadata
+from training.architectures import create_model
 from training.export import (
     ExportError,
     _module_name,
@@ -17,7 +18,6 @@ from training.export import (
     export_trained,
     to_onnx,
 )
-from training.models import create_model
 from training.train import normalize
 
 

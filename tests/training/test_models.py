@@ -6,7 +6,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.metadata import ACTIVATION_KINDS
-from training.models import INITS, activation_kind, activation_layers, create_model, list_models
+from training.architectures import (
+    INITS,
+    activation_kind,
+    activation_layers,
+    create_model,
+    list_models,
+)
 
 SIZES = {"small_cnn": (1, (8, 8)), "vgg": (3, (32, 32)), "resnet20": (3, (32, 32))}
 EXPECTED_LAYERS = {"small_cnn": 5, "vgg": 7, "resnet20": 19}

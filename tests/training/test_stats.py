@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from training.models import activation_layers, create_model
+from training.architectures import activation_layers, create_model
 from training.stats import measure_layers, producer_layers
 
 

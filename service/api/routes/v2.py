@@ -1,0 +1,240 @@
+"""The Open Inference Protocol (KServe v2) REST API, with Triton's binary tensor extension.
+
+Statistics are extra named outputs (``stats/<layer>/<quantity>``): a request that names none
+of them runs the plain session and pays nothing for them. Errors are ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from service.api.errors import error_responses
+from service.api.routes import OrjsonResponse, get_plane
+from service.api.v2_codec import (
+    EXTENSIONS,
+    HEADER_LENGTH,
+    PLATFORM,
+    V2Output,
+    decode_infer_request,
+    encode_infer_response,
+    tensor_metadata,
+)
+from service.core.dataplane import DataPlane
+from service.core.errors import BadRequestError
+from service.metadata import SATURATING_KINDS
+from service.runtime.loaded_model import LoadedModel, RunResult
+from service.server.dispatch import read_body
+
+router = APIRouter(
+    prefix="/v2",
+    tags=["v2 (Open Inference Protocol)"],
+    responses=error_responses(400, 404, 503, v2=True),
+)
+# Health answers are the status code alone: 200 true, 4xx false, an empty body.
+EMPTY_TRUE = {200: {"description": "True (empty body)", "content": {}}}
+EMPTY_BOOLEAN = {**EMPTY_TRUE, 400: {"description": "False (empty body)", "content": {}}}
+Plane = Annotated[DataPlane, Depends(get_plane)]
+SERVER_NAME = "relu-serve"
+PROBABILITIES = "probabilities"
+# Our own extension: per-layer activation statistics as extra named outputs.
+STATS_EXTENSION = "activation_statistics"
+# Summary quantities per layer: scalar outputs of shape [1] (dead_units is INT32).
+SUMMARY_QUANTITIES = ("inactive_fraction", "dead_units", "mean", "std", "min", "max")
+
+
+def _server_version() -> str:
+    try:
+        return package_version("relu-serve")
+    except PackageNotFoundError:  # pragma: no cover - running from a plain checkout
+        return "0.0.0"
+
+
+@router.get("/health/live", summary="Server live", response_class=Response, responses=EMPTY_TRUE)
+async def server_live() -> Response:
+    """200 while the process runs (empty body, per the protocol)."""
+    return Response(status_code=200)
+
+
+@router.get(
+    "/health/ready", summary="Server ready", response_class=Response, responses=EMPTY_BOOLEAN
+)
+async def server_ready(plane: Plane) -> Response:
+    """200 once every model is loaded and warmed up; 400 before and during shutdown (the
+    protocol: 200 means true, 4xx false, empty body)."""
+    return Response(status_code=200 if plane.ready else 400)
+
+
+@router.get("", summary="Server metadata")
+async def server_metadata() -> OrjsonResponse:
+    """Name, version and the extensions this server supports."""
+    return OrjsonResponse(
+        {
+            "name": SERVER_NAME,
+            "version": _server_version(),
+            "extensions": [*EXTENSIONS, STATS_EXTENSION],
+        }
+    )
+
+
+@router.get(
+    "/models/{name}/ready",
+    summary="Model ready (latest version)",
+    response_class=Response,
+    responses=EMPTY_BOOLEAN,
+)
+@router.get(
+    "/models/{name}/versions/{version}/ready",
+    summary="Model ready",
+    response_class=Response,
+    responses=EMPTY_BOOLEAN,
+)
+async def model_ready(plane: Plane, name: str, version: str | None = None) -> Response:
+    """200 when the model version is loaded and the server ready; 404 for an unknown one."""
+    plane.get_model(name, version)
+    return Response(status_code=200 if plane.ready else 400)
+
+
+@router.get("/models/{name}", summary="Model metadata (latest version)")
+@router.get("/models/{name}/versions/{version}", summary="Model metadata")
+async def model_metadata(plane: Plane, name: str, version: str | None = None) -> OrjsonResponse:
+    """Inputs and outputs with datatypes and shapes (-1: variable), statistics outputs too."""
+    model = plane.get_model(name, version)
+    info = model.info()
+    versions = next((m["versions"] for m in plane.list_models() if m["name"] == name), [])
+    inputs = [tensor_metadata(info["input"]["name"], "FP32", list(info["input"]["shape"]))]
+    outputs = [
+        tensor_metadata(out_name, datatype, shape)
+        for out_name, (datatype, shape) in output_catalogue(model).items()
+    ]
+    return OrjsonResponse(
+        {
+            "name": info["name"],
+            "versions": [str(v) for v in versions],
+            "platform": PLATFORM,
+            "inputs": inputs,
+            "outputs": outputs,
+        }
+    )
+
+
+def _layers(model: LoadedModel) -> list[dict[str, Any]]:
+    """The model's activation layers as dicts (name, kind, channels)."""
+    return list(model.info()["activation_layers"])
+
+
+# Per model version, built once: ``model.info()`` builds a fresh dict on every call.
+_CATALOGUES: weakref.WeakKeyDictionary[LoadedModel, dict[str, tuple[str, list[int]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def output_catalogue(model: LoadedModel) -> dict[str, tuple[str, list[int]]]:
+    """Every output a client may ask for: name -> (datatype, shape), batch axis -1."""
+    catalogue = _CATALOGUES.get(model)
+    if catalogue is None:
+        catalogue = _CATALOGUES[model] = _build_catalogue(model)
+    return catalogue
+
+
+def _build_catalogue(model: LoadedModel) -> dict[str, tuple[str, list[int]]]:
+    info = model.info()
+    num_classes = len(info["labels"]) if info.get("labels") else -1
+    catalogue: dict[str, tuple[str, list[int]]] = {
+        info["output"]["name"]: ("FP32", [-1, num_classes]),
+        PROBABILITIES: ("FP32", [-1, num_classes]),
+    }
+    layers = _layers(model) if info.get("statistics", True) else []  # no stats session
+    for layer in layers:
+        prefix = f"stats/{layer['name']}"
+        catalogue[f"{prefix}/active_rate"] = ("FP32", [-1, int(layer["channels"])])
+        for quantity in SUMMARY_QUANTITIES:
+            datatype = "INT32" if quantity == "dead_units" else "FP32"
+            catalogue[f"{prefix}/{quantity}"] = (datatype, [1])
+        if layer["kind"] in SATURATING_KINDS or layer["kind"] in ("Sigmoid", "Tanh"):
+            catalogue[f"{prefix}/saturated_fraction"] = ("FP32", [1])
+    return catalogue
+
+
+@router.post(
+    "/models/{name}/infer",
+    summary="Inference (latest version)",
+    responses=error_responses(413, 415, v2=True),
+)
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    summary="Inference",
+    responses=error_responses(413, 415, v2=True),
+)
+async def infer(request: Request) -> Response:
+    """JSON or binary tensors in; logits, probabilities and statistics outputs out."""
+    # The path parameters and the data plane are read by hand: FastAPI's parameter machinery
+    # is a fifth of the event loop's time per request under load (py-spy).
+    plane: DataPlane = request.app.state.plane
+    params = request.path_params
+    model = plane.get_model(params["name"], params.get("version"))
+    decoded = decode_infer_request(
+        await read_body(request),
+        header_length=request.headers.get(HEADER_LENGTH),
+        content_encoding=request.headers.get("content-encoding"),
+        max_body_bytes=plane.settings.max_body_bytes,
+    )
+    input_name = model.input_name
+    if len(decoded.inputs) != 1 or decoded.inputs[0].name != input_name:
+        given = [i.name for i in decoded.inputs]
+        raise BadRequestError(
+            f"model {model.name!r} takes exactly one input named {input_name!r}, got {given}"
+        )
+    catalogue = output_catalogue(model)
+    output_name = model.output_name
+    requested = decoded.outputs or [V2Output(output_name), V2Output(PROBABILITIES)]
+    for output in requested:
+        if output.name not in catalogue and output.name != "logits":
+            raise BadRequestError(
+                f"model {model.name!r} has no output {output.name!r}; outputs are "
+                f"{', '.join(catalogue)}"
+            )
+    names = [o.name for o in requested]
+    stats = "none"
+    if any(n.startswith("stats/") for n in names):
+        stats = "channels" if any(n.endswith("/active_rate") for n in names) else "summary"
+    result = await plane.infer(model, decoded.inputs[0].array, stats)
+    arrays = build_outputs(result, names, output_name)
+    body, headers = encode_infer_response(
+        model_name=model.name,
+        model_version=str(model.version),
+        request_id=decoded.id,
+        outputs=[
+            (o.name, arrays[o.name], decoded.binary_data_output if o.binary is None else o.binary)
+            for o in requested
+        ],
+    )
+    return Response(body, headers=headers)
+
+
+def build_outputs(result: RunResult, names: list[str], output_name: str) -> dict[str, np.ndarray]:
+    """The arrays of the requested outputs from one run's result."""
+    by_layer = {layer["name"]: layer for layer in (result.layer_stats or [])}
+    arrays: dict[str, np.ndarray] = {}
+    for name in names:
+        if name in (output_name, "logits"):
+            arrays[name] = np.asarray(result.logits, dtype=np.float32)
+        elif name == PROBABILITIES:
+            arrays[name] = np.asarray(result.probabilities, dtype=np.float32)
+        else:
+            layer_name, _, quantity = name[len("stats/") :].rpartition("/")
+            if quantity == "active_rate":
+                per_sample = (result.per_sample_active or {})[layer_name]
+                arrays[name] = np.asarray(per_sample, dtype=np.float32)
+            elif quantity == "dead_units":
+                arrays[name] = np.asarray([by_layer[layer_name]["dead_units"]], dtype=np.int32)
+            else:
+                value = by_layer[layer_name][quantity]
+                arrays[name] = np.asarray([np.nan if value is None else value], dtype=np.float32)
+    return arrays

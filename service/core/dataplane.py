@@ -1,0 +1,404 @@
+"""The data plane: the one place where requests meet models, independent of HTTP.
+
+Routes decode a request, call this, and encode the answer. It owns the model repository, one
+dynamic batcher per model version (``service.core.batching``: concurrent requests merged into one
+run in the model's own inference thread, off the event loop, since onnxruntime releases the
+GIL), the time limit, feeding the live activation monitors, and the inference metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import sys
+import weakref
+from collections.abc import Callable, Collection, Iterable
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+import numpy as np
+
+from service.core.batching import BatcherClosedError, BatchReport, ModelBatcher, QueueFullError
+from service.core.errors import BadRequestError, PayloadTooLargeError, ServiceUnavailableError
+from service.core.images import decode_image, default_preprocessing, preprocess_images
+from service.core.metrics import GaugeFamily, ServiceMetrics
+from service.core.repository import ModelRepository
+from service.metadata import Preprocessing
+from service.runtime.loaded_model import STATS_MODES, LoadedModel, ModelInputError, RunResult
+from service.settings import ServiceSettings
+
+logger = logging.getLogger(__name__)
+# Images up to this many bytes in all are decoded on the event loop: a small PNG decodes in
+# ~20-50 us, less than the ~60 us a thread hop costs (SPEC); larger ones go to a thread.
+INLINE_DECODE_BYTES = 64 * 1024
+
+
+class DataPlane:
+    """Models, inference and monitoring behind the HTTP routes."""
+
+    def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.repository: ModelRepository | None = None
+        self.ready = False
+        self._random = random.Random()
+        # One batcher per loaded model version, dropped with it (an unloaded version's
+        # batcher and its thread go when the last request holding the model is done).
+        self._batchers: weakref.WeakKeyDictionary[LoadedModel, ModelBatcher] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._accepting = False
+        metrics.registry.add_collector(self._collect_monitor_metrics)
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Load and warm up every model (in a thread), publish provider metrics; then ready."""
+        settings = self.settings
+        self._accepting = True
+        # The inference thread needs the GIL back after each run (to hand results over)
+        # while the event loop, busy with HTTP, holds it; Python makes a waiting thread wait
+        # up to the switch interval (5 ms by default), a third of a ResNet-20 batch.
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000.0)
+        repository = _Repository(
+            settings.model_root,
+            providers=settings.providers,
+            model_providers=settings.model_providers,
+            batch_sizes=lambda name: settings.batching_for(name)[0],
+            threads=settings.intra_op_threads,
+            strict=settings.strict_providers,
+            window=settings.monitor_window,
+            drift_threshold=settings.drift_threshold,
+            default_versions=settings.default_versions,
+        )
+        await anyio.to_thread.run_sync(repository.load_all)  # loads and warms up each version
+        self.repository = repository
+        models = self._loaded_models()
+        for model in models:
+            self._publish_model(model)
+        self.metrics.models_loaded.set(len(models))
+        self.ready = True
+        self.metrics.ready.set(1)
+        logger.info("ready: %d model version(s) from %s", len(models), settings.model_root)
+
+    async def stop(self) -> None:
+        """Not ready any more; let queued runs and runs in flight finish, then free the
+        inference threads."""
+        self.ready = False
+        self.metrics.ready.set(0)
+        self._accepting = False
+        batchers = list(self._batchers.values())
+        self._batchers.clear()
+        timeout = self.settings.request_timeout_s
+        await asyncio.gather(*(b.close(timeout) for b in batchers))
+
+    def _loaded_models(self) -> list[LoadedModel]:
+        if self.repository is None:
+            return []
+        models = []
+        for entry in self.repository.list_models():
+            for version in entry["versions"]:
+                models.append(self.repository.get(entry["name"], version))
+        return models
+
+    def _publish_model(self, model: LoadedModel) -> None:
+        """Provider in use and fall-back flag of one model version, as gauges."""
+        choice = model.providers
+        labels = {"model": model.name, "version": model.version}
+        self.metrics.model_info.set(
+            1, provider=choice.used[0], requested=",".join(choice.requested), **labels
+        )
+        self.metrics.model_fallback.set(1 if choice.fell_back else 0, **labels)
+
+    def models_changed(self, removed: Iterable[LoadedModel] = ()) -> None:
+        """Provider metrics after the management API changed the loaded versions: drop the
+        gauges of ``removed`` versions that are gone, publish those loaded now."""
+        loaded = self._loaded_models()
+        keep = {(m.name, m.version) for m in loaded}
+        for model in removed:
+            if (model.name, model.version) not in keep:
+                choice, labels = model.providers, {"model": model.name, "version": model.version}
+                self.metrics.model_info.remove(
+                    provider=choice.used[0], requested=",".join(choice.requested), **labels
+                )
+                self.metrics.model_fallback.remove(**labels)
+        for model in loaded:
+            self._publish_model(model)
+        self.metrics.models_loaded.set(len(loaded))
+
+    # ----------------------------------------------------------------- models
+
+    def model_names(self) -> Collection[str]:
+        """Names of the models the repository holds (for metric labels; cheap)."""
+        if self.repository is None:
+            return ()
+        return self.repository.names()
+
+    def get_model(self, name: str, version: str | None = None) -> LoadedModel:
+        """The model ``name`` at ``version`` (default: latest); ModelNotFoundError if none."""
+        if self.repository is None:
+            raise ServiceUnavailableError("models are still loading; try again shortly")
+        return self.repository.get(name, version)
+
+    def list_models(self) -> list[dict[str, Any]]:
+        """Models with their versions and the default one."""
+        if self.repository is None:
+            return []
+        return list(self.repository.list_models())
+
+    # ----------------------------------------------------------------- inputs
+
+    def preprocessing_for(self, model: LoadedModel) -> Preprocessing:
+        """The model's preprocessing, or a plain [0, 1] scaling for image-shaped foreign
+        models (400 for others: they take tensors only)."""
+        if model.preprocessing is not None:
+            return model.preprocessing
+        info = model.info()
+        return default_preprocessing(info["name"], info["input"]["shape"])
+
+    async def images_to_tensor(
+        self, model: LoadedModel, images: list[tuple[str, bytes]]
+    ) -> np.ndarray:
+        """Decode and preprocess images in a worker thread: (N, C, H, W) float32."""
+        if not images:
+            raise BadRequestError(
+                "empty batch: the request has no images (batch size 0)", code="invalid_input"
+            )
+        self.check_batch(len(images))
+        prep = self.preprocessing_for(model)
+        max_pixels = self.settings.max_image_pixels
+
+        def work() -> np.ndarray:
+            decoded = [decode_image(data, max_pixels=max_pixels, name=n) for n, data in images]
+            return preprocess_images(decoded, prep)
+
+        if sum(len(data) for _, data in images) <= INLINE_DECODE_BYTES:
+            return work()
+        return await anyio.to_thread.run_sync(work)
+
+    def check_batch(self, size: int) -> None:
+        """413 when a request carries more samples than ``max_batch_size``."""
+        if size > self.settings.max_batch_size:
+            raise PayloadTooLargeError(
+                f"batch of {size} samples is over the limit of {self.settings.max_batch_size} "
+                "(max_batch_size)",
+                code="batch_too_large",
+            )
+
+    # ----------------------------------------------------------------- inference
+
+    async def infer(self, model: LoadedModel, x: np.ndarray, stats: str = "none") -> RunResult:
+        """Run ``model`` on ``x`` (N, ...) with statistics ``stats``, batched with concurrent
+        requests to the same model version, off the event loop.
+
+        The input is checked here, per request, so a bad one fails alone and never the batch
+        it would have joined. Feeds the model's live monitor when statistics were computed;
+        with a sampling fraction set, some requests that did not ask are run with statistics
+        for it.
+        """
+        if x.ndim >= 1:
+            self.check_batch(int(x.shape[0]))
+        if stats not in STATS_MODES:
+            raise ModelInputError(
+                f"unknown statistics option {stats!r}; choose one of {', '.join(STATS_MODES)}"
+            )
+        if stats != "none" and not model.has_statistics:
+            raise ModelInputError(f"model {model.name!r}: {model.stats_error}")
+        x = model.validate_input(x)
+        run_stats = stats
+        sampled = False
+        sampling = self.settings.monitor_sampling
+        if (
+            stats == "none"
+            and isinstance(sampling, float)
+            and sampling > 0
+            and model.has_statistics
+        ):
+            sampled = self._random.random() < sampling
+            run_stats = "summary" if sampled else "none"
+        result = await self._run(model, x, run_stats)
+        # Only the monitored (latest) version feeds the monitor: its layers and reference
+        # profile belong to that version.
+        if (
+            result.per_sample_active
+            and self.repository is not None
+            and self.repository.record(model, result.per_sample_active)
+        ):
+            self.metrics.monitor_samples.inc(int(x.shape[0]), model=model.name)
+        if sampled:  # the client did not ask: give it the plain answer
+            result = RunResult(
+                logits=result.logits,
+                probabilities=result.probabilities,
+                layer_stats=None,
+                per_sample_active=None,
+            )
+        return result
+
+    def _batcher(self, model: LoadedModel) -> ModelBatcher:
+        """The model version's batcher, created on its first request."""
+        batcher = self._batchers.get(model)
+        if batcher is None:
+            max_size, max_delay_s = self.settings.batching_for(model.name)
+            if model.input_shape[0] is not None:  # a fixed batch axis: requests cannot merge
+                max_size = 1
+            batcher = ModelBatcher(
+                f"{model.name}/{model.version}",
+                max_size=max_size,
+                max_delay_s=max_delay_s,
+                max_queue=self.settings.max_queue_length,
+                workers=self.settings.inference_workers,
+                on_batch=self._record_batch,
+                inline=model.small and self.settings.inline_small_models,
+            )
+            self._batchers[model] = batcher
+        return batcher
+
+    async def _run(self, model: LoadedModel, x: np.ndarray, stats: str) -> RunResult:
+        """The one call site of a model run: the model's batcher, a time limit."""
+        if not self._accepting:
+            raise ServiceUnavailableError("the service is shutting down")
+        try:
+            future = self._batcher(model).submit(model, x, stats)
+        except QueueFullError as exc:
+            raise ServiceUnavailableError(
+                f"{exc.queued} requests are already queued for model {model.name!r}, the limit "
+                f"is {exc.limit} (max_queue_length); retry shortly",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            ) from None
+        except BatcherClosedError:
+            raise ServiceUnavailableError("the service is shutting down") from None
+        # A timer instead of asyncio.wait_for: no extra task or waiter per request. A request
+        # that times out while queued is skipped; one in a run is abandoned (threads cannot be
+        # stopped) and its run keeps the worker until it ends.
+        timer = future.get_loop().call_later(self.settings.request_timeout_s, _expire, future)
+        try:
+            return await future
+        except TimeoutError:
+            raise ServiceUnavailableError(
+                f"inference on model {model.name!r} took longer than "
+                f"{self.settings.request_timeout_s} s (request_timeout_s)",
+                code="timeout",
+            ) from None
+        except BatcherClosedError:
+            raise ServiceUnavailableError("the service is shutting down") from None
+        finally:
+            timer.cancel()
+
+    def _record_batch(self, report: BatchReport) -> None:
+        """Metrics of one finished run: run time, samples per run, each request's wait."""
+        name = report.model.name
+        self.metrics.queue_seconds.observe_many(report.queue_seconds, model=name)
+        self.metrics.inference_seconds.observe(
+            report.run_seconds, model=name, version=report.model.version, stats=report.stats
+        )
+        self.metrics.batch_size.observe(report.samples, model=name)
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting for or in a model run, over all models."""
+        return sum(b.pending for b in list(self._batchers.values()))
+
+    # ----------------------------------------------------------------- monitor
+
+    def monitor_snapshot(self, name: str) -> dict[str, Any]:
+        """The live activation monitor's state for model ``name``."""
+        latest = self.get_model(name)  # 404 for an unknown model
+        assert self.repository is not None
+        snapshot = self.repository.monitor(name).snapshot()
+        return {"model": name, "version": latest.version, **snapshot}
+
+    def reset_monitor(self, name: str) -> None:
+        """Empty the live window of model ``name``."""
+        self.get_model(name)
+        assert self.repository is not None
+        self.repository.monitor(name).reset()
+
+    def _collect_monitor_metrics(self) -> list[GaugeFamily]:
+        """Per model and layer gauges from the monitors, computed at scrape time."""
+        ns = "relu_serve"
+        inactive = GaugeFamily(
+            f"{ns}_activation_inactive_fraction",
+            "Rolling share of inactive activations over the monitor window.",
+            ("model", "layer"),
+        )
+        dead = GaugeFamily(
+            f"{ns}_activation_dead_units",
+            "Channels with no activity over the full monitor window (NaN until it is full).",
+            ("model", "layer"),
+        )
+        drift = GaugeFamily(
+            f"{ns}_activation_drift_score",
+            "Distance of live per-channel activity from the reference profile.",
+            ("model", "layer"),
+        )
+        drifted = GaugeFamily(
+            f"{ns}_activation_drifted",
+            "1 when the layer's drift exceeds drift_threshold over a full window.",
+            ("model", "layer"),
+        )
+        queue = GaugeFamily(
+            f"{ns}_inference_queue_length",
+            "Requests waiting for or in a model run (all models).",
+            (),
+        )
+        queue.add(self.pending)
+        window = GaugeFamily(
+            f"{ns}_monitor_window_samples",
+            "Samples currently in the model's monitor window.",
+            ("model",),
+        )
+        if self.repository is None:
+            return [queue, inactive, dead, drift, drifted, window]
+        for name in self.model_names():
+            snapshot = self.repository.monitor(name).snapshot()
+            window.add(snapshot.get("samples", 0), name)
+            for layer in snapshot.get("layers", []):
+                lname = layer["name"]
+                inactive.add(_num(layer.get("inactive_fraction")), name, lname)
+                dead.add(_num(layer.get("dead_units")), name, lname)
+                drift.add(_num(layer.get("drift")), name, lname)
+                drifted.add(1.0 if layer.get("drifted") else 0.0, name, lname)
+        return [queue, inactive, dead, drift, drifted, window]
+
+
+class _Repository(ModelRepository):
+    """The core's repository plus per-model settings: execution providers
+    (``model_providers``) and the batch size runs on a GPU are padded to (the model's
+    largest batch, ``ServiceSettings.batching_for``).
+
+    Adapter: ``ModelRepository`` takes one provider list and one batch size for all models;
+    this picks the model's own for each model it loads.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        model_providers: dict[str, list[str]],
+        batch_sizes: Callable[[str], int],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(root, **kwargs)
+        self._model_providers = model_providers
+        self._batch_sizes = batch_sizes
+
+    def providers_for(self, name: str) -> str | list[str]:
+        """The model's own providers when ``model_providers`` names it."""
+        return self._model_providers.get(name, self.providers)
+
+    def gpu_batch_for(self, name: str) -> int:
+        """The model's largest batch."""
+        return self._batch_sizes(name)
+
+
+def _expire(future: asyncio.Future[RunResult]) -> None:
+    """The time limit ran out: fail the request (its run, if any, goes on without it)."""
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
+def _num(value: Any) -> float:
+    return float("nan") if value is None else float(value)

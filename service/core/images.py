@@ -1,0 +1,188 @@
+"""Image bytes -> the model's input tensor, following the model's own ``Preprocessing``.
+
+Steps, in the metadata's order: convert to 1 or 3 channels (transparency over white), resize
+to H x W with the model's filter, scale to [0, 1], invert if ``invert``, invert the images
+whose border is the opposite of ``background``, then ``(x - mean) / std``.
+
+The format is sniffed from the bytes (a client's filename or content type is not trusted),
+the pixel count is checked from the header before any pixel is decoded, and the batch is
+normalised in one vectorised numpy step: (N, C, H, W) float32.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.core.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
+from service.metadata import Preprocessing
+
+SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+_RESAMPLING = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+}
+
+
+def configure_pillow(max_image_pixels: int) -> None:
+    """Align Pillow's decompression-bomb guard with our limit (it warns above the limit and
+    raises above twice it; we refuse above the limit ourselves, before decoding)."""
+    Image.MAX_IMAGE_PIXELS = max_image_pixels
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format from the file's magic bytes, or None when it is none we read."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if data.startswith(b"BM"):
+        return "BMP"
+    return None
+
+
+def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> Image.Image:
+    """Decode one image (first frame of an animation), upright per its EXIF orientation.
+
+    Raises 415 for bytes that are no supported image, 413 over ``max_pixels``, 400 for a
+    truncated or corrupt file; ``name`` (e.g. the upload's filename) goes in the message.
+    """
+    if not data:
+        raise BadRequestError(f"{name} is empty (0 bytes)", code="invalid_image")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise UnsupportedMediaTypeError(
+            f"{name} is not a supported image: its bytes start with {data[:8]!r}; "
+            f"supported formats are {', '.join(SUPPORTED_FORMATS)}",
+            code="unsupported_image_format",
+        )
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (not raises) between MAX_IMAGE_PIXELS and twice it: make it an error.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=[fmt])
+            width, height = image.size
+            if width * height > max_pixels:
+                raise _too_many_pixels(name, fmt, width, height, max_pixels)
+            image.seek(0)  # first frame of a GIF or animated WebP
+            image.load()
+            if fmt == "JPEG":
+                ImageOps.exif_transpose(image, in_place=True)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+        raise _too_many_pixels(name, fmt, *_header_size(data, fmt), limit) from None
+    except UnidentifiedImageError:
+        raise BadRequestError(
+            f"{name} is a truncated or corrupt {fmt} file: its header cannot be read",
+            code="invalid_image",
+        ) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise BadRequestError(
+            f"{name} is a truncated or corrupt {fmt} file: {exc}", code="invalid_image"
+        ) from None
+    return image
+
+
+def _too_many_pixels(
+    name: str, fmt: str, width: int, height: int, max_pixels: int
+) -> PayloadTooLargeError:
+    return PayloadTooLargeError(
+        f"{name} is a {width}x{height} {fmt} ({width * height} pixels), over the limit of "
+        f"{max_pixels} pixels (max_image_pixels)",
+        code="image_too_large",
+    )
+
+
+def _header_size(data: bytes, fmt: str) -> tuple[int, int]:
+    """Width and height from the header only, for the message of a decompression bomb."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            saved = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+            try:
+                return Image.open(io.BytesIO(data), formats=[fmt]).size
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+    except Exception:  # noqa: BLE001 - only for a message
+        return (0, 0)
+
+
+def _to_mode(image: Image.Image, channels: int) -> Image.Image:
+    """Grayscale (``L``) or ``RGB``; transparent pixels are composited over white."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # 16-bit and float grayscale: rescale to 8 bits instead of clipping.
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I") and values.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(values / top * 255.0, 0, 255).astype(np.uint8), "L")
+    return image.convert("L" if channels == 1 else "RGB")
+
+
+def preprocess_images(images: Sequence[Image.Image], prep: Preprocessing) -> np.ndarray:
+    """Convert, resize and normalise images per ``prep``: (N, C, H, W) float32."""
+    resample = _RESAMPLING[prep.resize]
+    size = (prep.width, prep.height)  # PIL takes (W, H)
+    pixels = np.stack(
+        [np.asarray(_to_mode(im, prep.channels).resize(size, resample)) for im in images]
+    )  # (N, H, W) or (N, H, W, 3), uint8
+    # (N, 1, H, W) or (N, 3, H, W)
+    pixels = pixels[:, None] if prep.channels == 1 else pixels.transpose(0, 3, 1, 2)
+    x = pixels.astype(np.float32) * np.float32(1.0 / 255.0)  # [0, 1]
+    if prep.invert:
+        x = np.float32(1.0) - x
+    if prep.background is not None:
+        x = _match_background(x, prep.background)
+    mean = np.asarray(prep.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(prep.std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+
+
+def _match_background(x: np.ndarray, background: str) -> np.ndarray:
+    """Invert the images whose border is the opposite of the training images' background
+    (a dark digit on white paper for a model trained on light ink on black), as training's
+    ``image_background`` measured it: the mean of the border pixels in [0, 1]."""
+    border = np.concatenate(
+        [x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], axis=-1
+    )  # (N, C, 2W + 2H)
+    level = border.mean(axis=(1, 2))  # (N,)
+    flip = level > 0.5 if background == "dark" else level < 0.5
+    return np.where(flip[:, None, None, None], np.float32(1.0) - x, x)
+
+
+def default_preprocessing(model: str, input_shape: Sequence[object]) -> Preprocessing:
+    """Preprocessing for a model without our metadata, when its input looks like an image.
+
+    A foreign model takes images only if its input is (N, C, H, W) with C in {1, 3} and fixed
+    H and W: pixels are then scaled to [0, 1] and nothing else (no mean/std are known).
+    Anything else takes tensors only: 400 naming the model.
+    """
+    dims = list(input_shape)
+    fixed = [d for d in dims[1:] if isinstance(d, int) and d > 0]
+    if len(dims) != 4 or len(fixed) != 3 or dims[1] not in (1, 3):
+        raise BadRequestError(
+            f"model {model!r} takes tensors only: it has no preprocessing metadata and its "
+            f"input shape {dims} is not (N, 1 or 3, H, W); send a tensor instead",
+            code="tensor_input_only",
+        )
+    channels, height, width = (int(d) for d in dims[1:])  # type: ignore[call-overload]
+    return Preprocessing(
+        height=height,
+        width=width,
+        channels=channels,  # type: ignore[arg-type]
+        mean=[0.0] * channels,
+        std=[1.0] * channels,
+    )

@@ -1,0 +1,646 @@
+"""One loaded model version: two onnxruntime sessions, input checks, statistics.
+
+``LoadedModel.load`` reads an ONNX file once and builds
+
+- the *plain* session: the model as exported; a request without statistics runs it and pays
+  nothing for them (SPEC: extra nodes slow every run, even when their outputs are not fetched,
+  and ``RunOptions.only_execute_path_to_fetches`` does not help; we measured the same);
+- the *statistics* session: the model plus the reduction nodes of ``service.runtime.instrument``.
+
+Typed errors carry no HTTP status (the HTTP layer maps them): ``ModelInputError`` for a bad
+request tensor or option, ``ModelLoadError`` for a file that cannot be served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import tempfile
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+from pydantic import ValidationError
+
+from service.metadata import ModelMetadata, Preprocessing, ReferenceProfile
+from service.runtime.activations import ActivationNode, find_activation_nodes, infer_tensor_shapes
+from service.runtime.instrument import STATS_OUTPUT, StatsLayout, instrument_model
+from service.runtime.providers import (
+    CPU,
+    ProviderChoice,
+    providers_in_use,
+    resolve_providers,
+    session_options,
+    with_options,
+)
+from service.runtime.summaries import (
+    LayerSummary,
+    per_sample_active,
+    request_rows,
+    summarize_requests,
+)
+
+log = logging.getLogger(__name__)
+
+StatsMode = Literal["none", "summary", "channels"]
+STATS_MODES: tuple[str, ...] = ("none", "summary", "channels")
+
+# ONNX tensor element types -> numpy dtypes, for the input check.
+_ORT_DTYPES = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(double)": np.dtype(np.float64),
+    "tensor(uint8)": np.dtype(np.uint8),
+    "tensor(int8)": np.dtype(np.int8),
+}
+# Models doing fewer multiply-accumulates per sample run with one intra-op thread: a second
+# thread cannot speed up runs this short, and a run waits for it when the scheduler hands
+# its core to another thread. The default model (1.5 M) at one client: p50 0.40 -> 0.33 ms,
+# p99 3.7 -> 0.6 ms, 2,000 -> 3,000 req/s. ResNet-20 (41 M) keeps its threads.
+SMALL_MODEL_MACS = 4_000_000
+# Initializers smaller than this are not worth sharing between the two sessions.
+_SHARE_MIN_BYTES = 1024
+# Guess for dynamic non-batch input dims at warm-up when nothing says better.
+_WARMUP_DIM = 32
+
+# On a GPU provider every new input shape makes onnxruntime plan each convolution again
+# (onnxruntime-gpu 1.31, cuDNN 9, H100, ResNet-20: 130-390 ms per run with the batch sizes
+# dynamic batching forms, 0.5-0.9 ms per run at one size; 105 -> 7,191 req/s at 64 clients,
+# bench/results/gpu-h100.json and gpu-h100-fixed.json). So there, runs are padded with zero
+# rows to one batch size, ``LoadedModel.load``'s ``gpu_batch`` (the batcher's largest), and
+# warmed up at it.
+
+
+class ModelInputError(ValueError):
+    """The request's tensor or options do not fit the model; the message names the problem."""
+
+
+class ModelLoadError(RuntimeError):
+    """A model file cannot be served; the message names the file and the reason."""
+
+    def __init__(self, path: Path | str, reason: str):
+        super().__init__(f"cannot load model {path}: {reason}")
+        self.path = Path(path)
+        self.reason = reason
+
+
+@dataclass
+class RunResult:
+    """The answer of one run: per-sample logits and probabilities, optional statistics."""
+
+    logits: np.ndarray  # (N, K) float32: the model's raw output
+    probabilities: np.ndarray  # (N, K) float32
+    layer_stats: list[LayerSummary] | None = None
+    per_sample_active: Mapping[str, np.ndarray] | None = None  # layer -> (N, C) active rates
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (N, K) scores, computed stably in float64, returned as float32."""
+    z = x.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z.astype(np.float32)
+
+
+# Up to this many probabilities in all, ``top_k`` sorts in Python (stable, like the numpy
+# path: ties keep label order), which beats numpy's per-call overhead.
+_SMALL_TOP_K = 256
+
+
+def top_k(probabilities: np.ndarray, k: int, labels: Sequence[str]) -> list[list[dict]]:
+    """The ``k`` most probable labels of each row of (N, K) (or (K,)) probabilities, best
+    first: ``[[{"label", "index", "probability"}, ...], ...]``; ties keep label order."""
+    if k < 1:
+        raise ModelInputError(f"top_k must be at least 1, got {k}")
+    probs = np.atleast_2d(probabilities)
+    if probs.shape[1] != len(labels):
+        raise ValueError(f"{probs.shape[1]} probabilities per sample but {len(labels)} labels")
+    k = min(k, probs.shape[1])
+    rows = probs.tolist()
+    if probs.size <= _SMALL_TOP_K:  # a few samples of a few classes: Python is quicker
+        order = [sorted(range(len(row)), key=row.__getitem__, reverse=True)[:k] for row in rows]
+    else:
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k].tolist()  # (N, k)
+    return [
+        [{"label": labels[i], "index": i, "probability": row[i]} for i in idx]
+        for row, idx in zip(rows, order, strict=True)
+    ]
+
+
+def multiply_accumulates(
+    model: onnx.ModelProto, shapes: dict[str, list[int | str | None]]
+) -> int | None:
+    """Multiply-accumulates per sample of the model's Conv, Gemm and MatMul nodes (from the
+    weight shapes and the output shapes at batch 1); None if a shape is unknown."""
+    weights = {init.name: list(init.dims) for init in model.graph.initializer}
+    total = 0
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or node.domain not in ("", "ai.onnx"):
+            continue
+        weight = weights.get(node.input[1]) if len(node.input) > 1 else None
+        out = shapes.get(node.output[0])
+        if not weight or not out or not all(isinstance(d, int) for d in out[1:]):
+            return None
+        per_output = math.prod(weight[1:]) if node.op_type == "Conv" else weight[0]
+        if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
+            per_output = weight[1]
+        total += math.prod(out[1:]) * per_output  # type: ignore[arg-type]
+    return total
+
+
+def _is_small(macs: int | None) -> bool:
+    return macs is not None and macs < SMALL_MODEL_MACS
+
+
+def _real_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs that are not initializers (IR < 4 lists weights as inputs too)."""
+    inits = {i.name for i in graph.initializer}
+    return [i for i in graph.input if i.name not in inits]
+
+
+def _dims(info: onnx.ValueInfoProto) -> list[int | None]:
+    """Static dims as ints, dynamic ones (dim_param or unset) as None."""
+    return [
+        d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+        for d in info.type.tensor_type.shape.dim
+    ]
+
+
+def _create_session(
+    source: onnx.ModelProto | Path, options: ort.SessionOptions, providers: list[str]
+) -> ort.InferenceSession:
+    """A session from a file, or from a model written to a temporary file first.
+
+    onnxruntime's Python ``InferenceSession`` keeps the bytes it was created from for as long
+    as the session lives ("TODO: This is bad as we're holding the memory indefinitely" in
+    onnxruntime_inference_collection.py): a second copy of every weight, twice per model
+    version. From a path it keeps only the path, so the temporary file can go at once.
+    ``disable_fallback``: onnxruntime would otherwise re-create a failing CUDA/TensorRT
+    session on CPU during a run, silently; our fall-back happens at load time, loudly.
+    """
+    if isinstance(source, Path):
+        session = ort.InferenceSession(str(source), options, providers=with_options(providers))
+    else:
+        with tempfile.TemporaryDirectory(prefix="relu-serve-") as folder:
+            file = Path(folder) / "model.onnx"
+            onnx.save(source, str(file))
+            session = ort.InferenceSession(str(file), options, providers=with_options(providers))
+    session.disable_fallback()
+    return session
+
+
+def _output_kind(graph: onnx.GraphProto, output: str) -> str:
+    """'probabilities' when the output comes from a Softmax, 'log_probabilities' from a
+    LogSoftmax, else 'logits'."""
+    for node in graph.node:
+        if output in node.output:
+            if node.op_type == "Softmax":
+                return "probabilities"
+            if node.op_type == "LogSoftmax":
+                return "log_probabilities"
+    return "logits"
+
+
+class LoadedModel:
+    """One model version ready to run; build it with ``LoadedModel.load``."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        version: str,
+        path: Path,
+        metadata: ModelMetadata | None,
+        input_name: str,
+        input_shape: list[int | None],
+        input_dtype: np.dtype,
+        output_name: str,
+        output_kind: str,
+        labels: list[str] | None,
+        layers: list[ActivationNode],
+        plain_session: ort.InferenceSession,
+        stats_session: ort.InferenceSession | None,
+        stats_error: str | None,
+        providers: ProviderChoice,
+        sha256: str,
+        session_factory,
+        shared_values: dict[str, ort.OrtValue],
+        macs: int | None = None,
+        run_size: int | None = None,
+    ):
+        self.name = name
+        self.version = version
+        self.path = path
+        self.metadata = metadata
+        self.input_name = input_name
+        self.input_shape = input_shape
+        self.input_dtype = input_dtype
+        self.output_name = output_name
+        self.output_kind = output_kind
+        self.labels = labels
+        self.layers = layers
+        self.plain_session = plain_session
+        self.stats_session = stats_session
+        self.stats_error = stats_error
+        self.providers = providers
+        self.sha256 = sha256
+        self._session_factory = session_factory
+        self._shared_values = shared_values  # must outlive the sessions that use them
+        self._raw_session: ort.InferenceSession | None = None
+        self._lock = threading.Lock()
+        self.layout = StatsLayout.of(layers)
+        self._stat_fetches = self.layout.outputs
+        self.macs = macs  # multiply-accumulates per sample, None if unknown
+        self.run_size = run_size  # runs of fewer samples are padded to this many (a GPU's)
+
+    @property
+    def small(self) -> bool:
+        """Whether a run is too short to gain from more threads (``SMALL_MODEL_MACS``)."""
+        return _is_small(self.macs)
+
+    # ---- construction -------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        name: str,
+        version: str,
+        providers: str | Sequence[str] = "cpu",
+        threads: int | None = None,
+        strict: bool = False,
+        share_weights: bool = False,
+        gpu_batch: int = 64,
+    ) -> LoadedModel:
+        """Read ``path`` once, check it, and build the plain and the statistics sessions.
+
+        On a provider other than the CPU, every run of fewer than ``gpu_batch`` samples is
+        padded to ``gpu_batch`` (see the note on GPU runs at the top of this module); give the
+        batcher's largest batch.
+
+        ``share_weights`` hands both sessions the same weight buffers
+        (``SessionOptions.add_initializer``) and turns off onnxruntime's weight prepacking,
+        which otherwise copies every prepacked weight into each session anyway. Measured on a
+        model with 65 MiB of dense weights: both sessions take 10 MiB instead of 141 MiB
+        (plus the 65 MiB shared once), but dense layers run 7-20% slower without prepacking;
+        convolutions are unaffected (their NCHWc copies are per session either way).
+        """
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ModelLoadError(path, f"cannot read the file ({exc.strerror or exc})") from exc
+        try:
+            model = onnx.load_from_string(data)
+            if model.graph.initializer and any(
+                i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer
+            ):
+                onnx.load_external_data_for_model(model, str(path.parent))
+            onnx.checker.check_model(model)
+        except Exception as exc:  # protobuf DecodeError, ValidationError, missing external data
+            raise ModelLoadError(path, f"not a valid ONNX model ({exc})") from exc
+        sha256 = hashlib.sha256(data).hexdigest()
+        del data
+
+        props = {p.key: p.value for p in model.metadata_props}
+        try:
+            metadata = ModelMetadata.from_props(props)
+        except (ValidationError, ValueError) as exc:
+            raise ModelLoadError(path, f"invalid relu_serve metadata ({exc})") from exc
+
+        graph = model.graph
+        inputs = _real_inputs(graph)
+        if len(inputs) != 1:
+            raise ModelLoadError(
+                path, f"expected one input tensor, found {len(inputs)}: {[i.name for i in inputs]}"
+            )
+        input_info = inputs[0]
+        output_names = [o.name for o in graph.output]
+        output_name = metadata.output_name if metadata else output_names[0]
+        if metadata and metadata.input_name != input_info.name:
+            raise ModelLoadError(
+                path, f"metadata input_name {metadata.input_name!r} is not the graph's input "
+                f"{input_info.name!r}",
+            )  # fmt: skip
+        if output_name not in output_names:
+            raise ModelLoadError(
+                path, f"metadata output_name {output_name!r} is not a graph output {output_names}"
+            )
+        shapes = infer_tensor_shapes(model)
+        out_shape = shapes.get(output_name) or _dims(graph.output[output_names.index(output_name)])
+        num_classes = (
+            out_shape[1] if len(out_shape) == 2 and isinstance(out_shape[1], int) else None
+        )
+        labels = list(metadata.labels) if metadata else None
+        if labels is None and num_classes:
+            labels = [str(i) for i in range(num_classes)]
+        if metadata and num_classes and len(labels) != num_classes:
+            raise ModelLoadError(
+                path, f"metadata has {len(labels)} labels, the model outputs {num_classes} classes"
+            )
+        try:
+            layers = find_activation_nodes(model, metadata.activations if metadata else None)
+        except ValueError as exc:
+            raise ModelLoadError(path, str(exc)) from exc
+
+        macs = multiply_accumulates(model, shapes)
+        if _is_small(macs):
+            threads = 1  # see SMALL_MODEL_MACS
+        choice = resolve_providers(providers, strict=strict)
+        shared: dict[str, ort.OrtValue] = {}
+        if share_weights:
+            for init in graph.initializer:
+                if init.data_type == onnx.TensorProto.FLOAT:
+                    arr = np.ascontiguousarray(numpy_helper.to_array(init))
+                    if arr.nbytes >= _SHARE_MIN_BYTES:
+                        # ortvalue_from_numpy wraps the array's memory; the OrtValue keeps it alive.
+                        shared[init.name] = ort.OrtValue.ortvalue_from_numpy(arr)
+
+        def make_session(source: onnx.ModelProto | Path) -> ort.InferenceSession:
+            options = session_options(threads)
+            if shared:
+                options.add_session_config_entry("session.disable_prepacking", "1")
+                for init_name, value in shared.items():
+                    options.add_initializer(init_name, value)
+            return _create_session(source, options, list(choice.used))
+
+        try:
+            plain = make_session(path)  # the file as is: the plain session is the export
+        except Exception as exc:  # onnxruntime's Fail / InvalidGraph / NotImplemented
+            raise ModelLoadError(path, f"onnxruntime cannot create a session ({exc})") from exc
+        choice = providers_in_use(plain, choice)
+        stats_session, stats_error = None, None
+        try:
+            stats_session = make_session(instrument_model(model, layers))
+        except Exception as exc:  # a foreign graph our nodes do not fit: serve without stats
+            stats_error = f"statistics unavailable: instrumenting the graph failed ({exc})"
+            log.error("model %s version %s: %s", name, version, stats_error)
+
+        input_shape = _dims(input_info)
+        dynamic_batch = not input_shape or input_shape[0] is None
+        run_size = gpu_batch if choice.used[0] != CPU and dynamic_batch else None
+        input_type = input_info.type.tensor_type
+        dtype = _ORT_DTYPES.get(
+            plain.get_inputs()[0].type,
+            np.dtype(helper.tensor_dtype_to_np_dtype(input_type.elem_type)),
+        )
+        return cls(
+            name=name,
+            version=str(version),
+            path=path,
+            metadata=metadata,
+            input_name=input_info.name,
+            input_shape=input_shape,
+            input_dtype=dtype,
+            output_name=output_name,
+            output_kind=_output_kind(graph, output_name),
+            labels=labels,
+            layers=layers,
+            plain_session=plain,
+            stats_session=stats_session,
+            stats_error=stats_error,
+            providers=choice,
+            sha256=sha256,
+            session_factory=make_session,
+            shared_values=shared,
+            macs=macs,
+            run_size=run_size,
+        )
+
+    # ---- properties ---------------------------------------------------------------------
+
+    @property
+    def preprocessing(self) -> Preprocessing | None:
+        """How to turn an image into the input tensor (None for foreign models)."""
+        return self.metadata.preprocessing if self.metadata else None
+
+    @property
+    def reference(self) -> ReferenceProfile | None:
+        """The activation profile measured at export, the baseline for drift."""
+        return self.metadata.reference if self.metadata else None
+
+    @property
+    def has_statistics(self) -> bool:
+        """Whether the statistics session exists."""
+        return self.stats_session is not None
+
+    # ---- running ------------------------------------------------------------------------
+
+    def validate_input(self, x: np.ndarray) -> np.ndarray:
+        """Check dtype, rank, shape and finiteness of a request tensor; returns it contiguous."""
+        if not isinstance(x, np.ndarray):
+            raise ModelInputError(f"input must be a numpy array, got {type(x).__name__}")
+        if x.dtype != self.input_dtype:
+            raise ModelInputError(
+                f"input {self.input_name!r} must have dtype {self.input_dtype.name}, "
+                f"got {x.dtype.name}"
+            )
+        if x.ndim != len(self.input_shape):
+            raise ModelInputError(
+                f"input {self.input_name!r} must have rank {len(self.input_shape)} "
+                f"(shape {self._shape_text()}), got shape {list(x.shape)}"
+            )
+        if x.shape[0] < 1:
+            raise ModelInputError(f"input {self.input_name!r} has batch size 0; send at least 1")
+        fixed = self.input_shape[0]
+        if fixed is not None and x.shape[0] != fixed:
+            raise ModelInputError(
+                f"input {self.input_name!r} has a fixed batch size of {fixed} in this model; "
+                f"got a batch of {x.shape[0]}"
+            )
+        for axis, (got, want) in enumerate(zip(x.shape[1:], self.input_shape[1:], strict=True)):
+            if want is not None and got != want:
+                raise ModelInputError(
+                    f"input {self.input_name!r} must have shape {self._shape_text()}, got "
+                    f"{list(x.shape)} (dim {axis + 1} is {got}, expected {want})"
+                )
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+            raise ModelInputError(
+                f"input {self.input_name!r} has {bad} non-finite values (NaN or infinity)"
+            )
+        return np.ascontiguousarray(x)
+
+    def _shape_text(self) -> str:
+        """The input shape for error messages: ``[N, 1, 8, 8]``, ``?`` for dynamic dims."""
+        dims = ["N", *(d if d is not None else "?" for d in self.input_shape[1:])]
+        return "[" + ", ".join(str(d) for d in dims) + "]"
+
+    def run(self, x: np.ndarray, stats: StatsMode | str = "none") -> RunResult:
+        """Run one batch; ``stats``: "none" (plain session), "summary" (per-layer statistics)
+        or "channels" (summary plus per-channel activity)."""
+        if stats not in STATS_MODES:
+            raise ModelInputError(
+                f"unknown statistics option {stats!r}; choose one of {', '.join(STATS_MODES)}"
+            )
+        x = self.validate_input(x)
+        (result,) = self.run_split(x, [x.shape[0]], [stats])
+        return result
+
+    def run_split(
+        self, x: np.ndarray, sizes: Sequence[int], stats: Sequence[str]
+    ) -> list[RunResult]:
+        """Run one batch made of several requests' samples and give each request its own
+        result: ``sizes[i]`` rows of ``x`` belong to request i, which asked for ``stats[i]``.
+
+        The dynamic batcher calls this with inputs already checked by ``validate_input``, all
+        plain (``"none"``) or all with statistics; statistics are summarised per request over
+        its own samples, as if it had run alone. Its two halves: ``run_batch``, the session
+        run, and ``split_outputs``, each request's part.
+        """
+        return self.split_outputs(self.run_batch(x, stats[0]), x, sizes, stats)
+
+    def run_batch(self, x: np.ndarray, stats: str) -> list[np.ndarray]:
+        """The session run alone: the logits, then the statistics outputs when ``stats`` is
+        not "none" (the statistics session) and the model has activation layers."""
+        if stats != "none" and self.stats_session is None:
+            raise ModelInputError(f"model {self.name!r}: {self.stats_error}")
+        n = x.shape[0]
+        if self.run_size and n < self.run_size:  # zero rows: every output is per sample
+            x = np.concatenate([x, np.zeros((self.run_size - n, *x.shape[1:]), x.dtype)])
+        feeds = {self.input_name: x}
+        if stats == "none" or not self.layers:
+            values = self.plain_session.run([self.output_name], feeds)
+        else:
+            values = self.stats_session.run([self.output_name, *self._stat_fetches], feeds)
+        return values if x.shape[0] == n else [v[:n] for v in values]
+
+    def split_outputs(
+        self,
+        values: Sequence[np.ndarray],
+        x: np.ndarray,
+        sizes: Sequence[int],
+        stats: Sequence[str],
+    ) -> list[RunResult]:
+        """Each request's result from ``run_batch``'s outputs: probabilities, and statistics
+        summarised over the request's own rows."""
+        parts = request_rows(sizes)
+        raw = values[0]
+        probs = self._probabilities(raw)
+        if stats[0] == "none":
+            return [RunResult(raw[p], probs[p]) for p in parts]
+        if len(values) == 1:  # no layers to observe
+            return [RunResult(raw[p], probs[p], [], {}) for p in parts]
+        outputs = dict(zip(self._stat_fetches, values[1:], strict=True))
+        summaries = summarize_requests(
+            self.layers,
+            self.layout,
+            outputs[STATS_OUTPUT],
+            sizes,
+            [level == "channels" for level in stats],
+            lambda request, layers: self._exact_minimum(x[parts[request]], layers),
+        )
+        active = per_sample_active(self.layout, outputs)
+        return [
+            RunResult(raw[p], probs[p], summary, active.rows(p))
+            for p, summary in zip(parts, summaries, strict=True)
+        ]
+
+    def _probabilities(self, raw: np.ndarray) -> np.ndarray:
+        if self.output_kind == "probabilities":
+            return raw.astype(np.float32, copy=False)
+        if self.output_kind == "log_probabilities":
+            return np.exp(raw.astype(np.float64)).astype(np.float32)
+        return softmax(raw)
+
+    def _exact_minimum(self, x: np.ndarray, layers: list[ActivationNode]) -> dict[str, float]:
+        """Minimum of ReLU layers that had no zero in this batch (rare: every unit of every
+        sample active), from a lazily built session that outputs those raw activations.
+
+        The file is read again rather than kept in memory for a case this rare; if it changed
+        on disk since loading, the minimum stays unknown (None) and a warning is logged.
+        """
+        with self._lock:
+            if self._raw_session is None:
+                data = self.path.read_bytes() if self.path.is_file() else b""
+                if hashlib.sha256(data).hexdigest() != self.sha256:
+                    log.warning(
+                        "model %s: %s changed on disk; minimum unknown", self.name, self.path
+                    )
+                    return {}
+                probe = onnx.load_from_string(data)
+                if any(
+                    i.data_location == onnx.TensorProto.EXTERNAL for i in probe.graph.initializer
+                ):
+                    onnx.load_external_data_for_model(probe, str(self.path.parent))
+                existing = {o.name for o in probe.graph.output}
+                for layer in self.layers:
+                    if layer.tensor not in existing and not layer.needs_min_output:
+                        probe.graph.output.append(helper.make_empty_tensor_value_info(layer.tensor))
+                self._raw_session = self._session_factory(probe)
+        values = self._raw_session.run([layer.tensor for layer in layers], {self.input_name: x})
+        return {layer.name: float(v.min()) for layer, v in zip(layers, values, strict=True)}
+
+    def warm_up(self) -> None:
+        """Run both sessions once on zeros (batch 1, padded like every run on a GPU), so the
+        first request pays no set-up."""
+        shape = [1]
+        guessed = False
+        prep = self.preprocessing
+        for axis, dim in enumerate(self.input_shape[1:], start=1):
+            if dim is None:
+                guessed = True
+                if prep and axis == len(self.input_shape) - 2:
+                    dim = prep.height
+                elif prep and axis == len(self.input_shape) - 1:
+                    dim = prep.width
+                else:
+                    dim = _WARMUP_DIM
+            shape.append(dim)
+        x = np.zeros(shape, dtype=self.input_dtype)
+        try:
+            result = self.run(x, "summary" if self.has_statistics else "none")
+            self.run_batch(x, "none")
+        except Exception as exc:
+            if not guessed:
+                raise ModelLoadError(self.path, f"warm-up run failed ({exc})") from exc
+            log.warning(
+                "model %s: warm-up with guessed input shape %s failed (%s)", self.name, shape, exc
+            )
+            return
+        if self.labels is None:
+            self.labels = [str(i) for i in range(result.logits.shape[1])]
+
+    def info(self) -> dict:
+        """What the metadata endpoints show about this model version."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "input": {
+                "name": self.input_name,
+                "shape": [d if d is not None else -1 for d in self.input_shape],
+                "dtype": self.input_dtype.name,
+            },
+            "output": {"name": self.output_name, "kind": self.output_kind},
+            "labels": self.labels,
+            "preprocessing": self.preprocessing.model_dump() if self.preprocessing else None,
+            "activation_layers": [
+                {
+                    "name": layer.name,
+                    "kind": layer.kind,
+                    "op_type": layer.op_type,
+                    "channels": layer.channels,
+                    "tensor": layer.tensor,
+                }
+                for layer in self.layers
+            ],
+            "statistics": self.has_statistics,
+            "statistics_error": self.stats_error,
+            "providers": self.providers.to_dict(),
+            "providers_requested": list(self.providers.requested),
+            "providers_used": list(self.providers.used),
+            "fell_back": self.providers.fell_back,
+            "fallback_reason": self.providers.reason,
+            "has_reference": self.reference is not None,
+            "has_metadata": self.metadata is not None,
+            "architecture": self.metadata.architecture if self.metadata else None,
+            "sha256": self.sha256,
+        }

@@ -1,0 +1,232 @@
+"""The short way in for predict and infer (service.server.dispatch): same answers as FastAPI's path."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import Depends, Request
+from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.app import create_app
+from service.server.dispatch import HotRoutes, ServiceApp, read_body
+from tests.service.conftest import reference_inputs
+from tests.service.http_helpers import image_bytes, make_settings
+
+
+class HandledError(Exception):
+    """An error the app has a handler for."""
+
+
+async def endpoint(request: Request) -> Response:
+    what = request.path_params["what"]
+    if what == "fail":
+        raise HandledError("handled")
+    if what == "bug":
+        raise RuntimeError("a bug")
+    return JSONResponse({"what": what, "body": (await request.body()).decode()})
+
+
+async def failure_handler(request: Request, exc: Exception) -> Response:
+    return JSONResponse({"error": str(exc)}, status_code=418)
+
+
+async def bug_handler(request: Request, exc: Exception) -> Response:
+    return JSONResponse({"error": "internal"}, status_code=500)
+
+
+class Tag:
+    """Middleware that appends its name to an ``x-tags`` response header."""
+
+    def __init__(self, app: ASGIApp, name: str) -> None:
+        self.app = app
+        self.name = name
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def tagged(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = dict(message["headers"])
+                tags = headers.get(b"x-tags", b"")
+                headers[b"x-tags"] = tags + (b"," if tags else b"") + self.name.encode()
+                message = {**message, "headers": list(headers.items())}
+            await send(message)
+
+        await self.app(scope, receive, tagged)
+
+
+@pytest.fixture
+def small_app() -> ServiceApp:
+    """An app whose router knows no route at all: only the hot path can answer."""
+    app = ServiceApp(exception_handlers={HandledError: failure_handler, Exception: bug_handler})
+    route = APIRoute("/things/{what}", endpoint, methods=["POST"])
+    middleware = [Middleware(Tag, name="outer"), Middleware(Tag, name="inner")]
+    app.hot = HotRoutes([route], app.exception_handlers, middleware)
+    return app
+
+
+def test_a_hot_route_is_answered_without_the_router(small_app: ServiceApp) -> None:
+    client = TestClient(small_app)
+    response = client.post("/things/spoon", content=b"hello")
+    assert response.status_code == 200
+    assert response.json() == {"what": "spoon", "body": "hello"}
+    # The middleware runs in the listed order, the first outermost (it tags last).
+    assert response.headers["x-tags"] == "inner,outer"
+    # Other methods and paths go to FastAPI, which has no such route.
+    assert client.get("/things/spoon").status_code == 404
+    assert client.post("/things/spoon/more").status_code == 404
+
+
+def test_errors_go_through_the_apps_handlers(
+    small_app: ServiceApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = TestClient(small_app, raise_server_exceptions=False)
+    handled = client.post("/things/fail")
+    assert (handled.status_code, handled.json()) == (418, {"error": "handled"})
+    with caplog.at_level(logging.ERROR, logger="service.server.dispatch"):
+        bug = client.post("/things/bug")
+    assert (bug.status_code, bug.json()) == (500, {"error": "internal"})
+    assert "a bug" in caplog.text  # logged with its traceback, as the server would
+    assert client.post("/things/fine").status_code == 200  # and it keeps serving
+
+
+def test_only_plain_post_endpoints_can_be_hot() -> None:
+    def needs() -> int:
+        return 1
+
+    async def with_dependency(request: Request, value: int = Depends(needs)) -> Response:
+        return Response()
+
+    with pytest.raises(ValueError, match="POST taking only the request"):
+        HotRoutes([APIRoute("/x", with_dependency, methods=["POST"])], {})
+    with pytest.raises(ValueError, match="POST taking only the request"):
+        HotRoutes([APIRoute("/x", endpoint, methods=["GET"])], {})
+
+
+# ---------------------------------------------------------------- the service's hot routes
+
+
+@pytest.fixture(scope="module")
+def clients(model_repo: Path) -> Iterator[tuple[TestClient, TestClient]]:
+    """The service as built, and the same service with the hot path switched off."""
+    settings = make_settings(model_repo, max_body_bytes=64 * 1024)
+    hot_app, plain_app = create_app(settings), create_app(settings)
+    assert isinstance(hot_app, ServiceApp)
+    assert hot_app.hot is not None
+    plain_app.hot = None
+    with TestClient(hot_app) as hot, TestClient(plain_app) as plain:
+        yield hot, plain
+
+
+X = reference_inputs(2)
+RAW = {"content": X.tobytes(), "headers": {"Content-Type": "application/octet-stream"}}
+V2_INPUT = {"name": "input", "shape": list(X.shape), "datatype": "FP32", "data": X.ravel().tolist()}
+V2 = {"json": {"inputs": [V2_INPUT]}}
+CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "raw tensor": ("/v1/models/tiny/predict?shape=2,1,8,8&top_k=3", RAW),
+    "raw tensor, statistics": ("/v1/models/tiny/predict?shape=2,1,8,8&stats=channels", RAW),
+    "version": ("/v1/models/tiny/versions/1/predict?shape=2,1,8,8", RAW),
+    "base64 json": (
+        "/v1/models/tiny/predict",
+        {"json": {"tensor": {"shape": [2, 1, 8, 8], "data": base64.b64encode(RAW["content"])}}},
+    ),
+    "image upload": ("/v1/models/tiny/predict", {"files": {"file": ("a.png", image_bytes())}}),
+    "v2 infer": ("/v2/models/tiny/infer", V2),
+    "v2 infer, version": ("/v2/models/tiny/versions/2/infer", V2),
+    # errors: every one answered by the same handler, with the same body
+    "unknown model": ("/v1/models/nope/predict?shape=2,1,8,8", RAW),
+    "unknown version": ("/v2/models/tiny/versions/9/infer", V2),
+    "bad query": ("/v1/models/tiny/predict?top_k=zero", RAW),
+    "wrong shape": ("/v1/models/tiny/predict?shape=1,1,8,16", RAW),
+    "no shape": ("/v1/models/tiny/predict", RAW),
+    "media type": (
+        "/v1/models/tiny/predict",
+        {"content": b"x", "headers": {"Content-Type": "text/plain"}},
+    ),
+    "not an image": ("/v1/models/tiny/predict", {"files": {"file": ("a.png", b"not a png")}}),
+    "malformed v2": ("/v2/models/tiny/infer", {"json": {"inputs": "no"}}),
+    "body too large": (
+        "/v1/models/tiny/predict?shape=1,1,8,8",
+        {"content": bytes(70 * 1024), "headers": {"Content-Type": "application/octet-stream"}},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_hot_path_answers_as_fastapi_does(
+    clients: tuple[TestClient, TestClient], case: str
+) -> None:
+    path, kwargs = CASES[case]
+    if "json" in kwargs and "tensor" in kwargs["json"]:
+        tensor = kwargs["json"]["tensor"]
+        kwargs = {"json": {"tensor": {**tensor, "data": tensor["data"].decode()}}}
+    hot, plain = (client.post(path, **kwargs) for client in clients)
+    assert hot.status_code == plain.status_code
+    assert hot.headers["content-type"] == plain.headers["content-type"]
+    assert hot.json() == plain.json()
+    if case in ("raw tensor", "v2 infer"):
+        assert hot.status_code == 200
+    if case in ("unknown model", "bad query", "media type", "body too large"):
+        assert 400 <= hot.status_code < 500
+
+
+def test_hot_requests_are_counted_under_their_route(
+    clients: tuple[TestClient, TestClient],
+) -> None:
+    hot, _ = clients
+    path, kwargs = CASES["raw tensor"]
+    before = _count(hot, "/v1/models/{name}/predict", "tiny", "2xx")
+    hot.post(path, **kwargs)
+    hot.post("/v1/models/nope/predict?shape=2,1,8,8", **RAW)  # an unknown model: no label
+    assert _count(hot, "/v1/models/{name}/predict", "tiny", "2xx") == before + 1
+    assert _count(hot, "/v1/models/{name}/predict", "", "4xx") >= 1
+
+
+def _count(client: TestClient, route: str, model: str, status: str) -> float:
+    wanted = f'route="{route}",method="POST",model="{model}",status="{status}"'
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("relu_serve_http_requests_total{") and wanted in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _request(*messages: dict) -> Request:
+    pending = list(messages)
+
+    async def receive() -> dict:
+        return pending.pop(0)
+
+    return Request({"type": "http", "method": "POST", "headers": []}, receive)
+
+
+def test_read_body_joins_chunks_and_leaves_the_body_to_starlette() -> None:
+    async def main() -> None:
+        request = _request(
+            {"type": "http.request", "body": b"ab", "more_body": True},
+            {"type": "http.request", "body": b"cd", "more_body": False},
+        )
+        assert await read_body(request) == b"abcd"
+        assert await request.body() == b"abcd"  # no second receive: it would fail here
+        assert await read_body(request) == b"abcd"
+        one = _request({"type": "http.request", "body": b"whole"})
+        assert await one.body() == b"whole"  # read by Starlette first
+        assert await read_body(one) == b"whole"
+
+    asyncio.run(main())
+
+
+def test_read_body_raises_when_the_client_went_away() -> None:
+    request = _request(
+        {"type": "http.request", "body": b"ab", "more_body": True}, {"type": "http.disconnect"}
+    )
+    with pytest.raises(ClientDisconnect):
+        asyncio.run(read_body(request))
