@@ -175,5 +175,5 @@ def test_container_stops_gracefully(container: str) -> None:
     code = podman("inspect", "-f", "{{.State.ExitCode}}", CONTAINER)
     logs = podman("logs", CONTAINER, stderr=True)
     assert code == "0", logs[-3000:]
-    assert "SIGTERM: not ready" in logs, logs[-3000:]  # service/lifecycle.py's delay ran
+    assert "SIGTERM: not ready" in logs, logs[-3000:]  # service/server/shutdown.py's delay ran
     assert "Application shutdown complete." in logs, logs[-3000:]
