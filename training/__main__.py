@@ -7,6 +7,16 @@ import logging
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
+
+from training.compare import add_compare_args, main_compare
+from training.config import add_train_args, config_from_args
+from training.data import DataError
+from training.download import download_dataset
+from training.export import ExportError, ExportResult, target_path
+from training.pipeline import export_checkpoint, export_trained
+from training.train import run_training, validate_config
+
 DEFAULT_MODEL_ROOT = Path(__file__).resolve().parent.parent / "models"
 
 
@@ -38,9 +48,6 @@ def _add_export_args(parser: argparse.ArgumentParser, *, required: bool) -> None
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI parser with its four sub-commands."""
-    from training.compare import add_compare_args
-    from training.config import add_train_args
-
     parser = argparse.ArgumentParser(
         prog="python -m training",
         description="Train ReLU-family CNNs, record per-layer activation evidence, export ONNX.",
@@ -89,14 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> None:
     if args.command == "download":
-        from training.download import download_dataset
-
         folder = download_dataset(args.dataset, args.dest / args.dataset, base_url=args.base_url)
         print(f"{args.dataset}: {folder}")
         return
     if args.command == "export":
-        from training.export import export_checkpoint
-
         result = export_checkpoint(
             args.checkpoint,
             root=args.model_root,
@@ -107,20 +110,12 @@ def _run(args: argparse.Namespace) -> None:
         )
         _print_export(result)
         return
-    from training.config import config_from_args
-
     cfg = config_from_args(args)
     if args.command == "compare":
-        from training.compare import main_compare
-
         main_compare(args, cfg)
         return
-    from training.train import run_training, validate_config
-
     validate_config(cfg)
     if args.export_name:  # fail on an existing version before training, not after
-        from training.export import target_path
-
         target_path(args.model_root, args.export_name, args.version, args.overwrite)
     result = run_training(cfg)
     if result.run_dir is None:  # a non-zero torchrun rank: rank 0 reports and exports
@@ -131,8 +126,6 @@ def _run(args: argparse.Namespace) -> None:
         f"(best {result.best_val_accuracy:.4f}), {result.train_time_s:.1f}s"
     )
     if args.export_name:
-        from training.export import export_trained
-
         _print_export(
             export_trained(
                 result.model,
@@ -148,7 +141,7 @@ def _run(args: argparse.Namespace) -> None:
         )
 
 
-def _print_export(result) -> None:
+def _print_export(result: ExportResult) -> None:
     print(
         f"exported: {result.path} (held-out accuracy {result.accuracy:.4f}, "
         f"max |onnx - torch| {result.max_abs_diff:.1e})"
@@ -168,11 +161,6 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    import torch.distributed as dist
-
-    from training.data import DataError
-    from training.export import ExportError
-
     distributed = dist.is_available()
     try:
         _run(args)

@@ -18,17 +18,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from service.metadata import ACTIVATION_KINDS, SATURATING_KINDS
+from training.config import TrainConfig, config_from_args
 from training.report import epochs_to_error
-
-if TYPE_CHECKING:
-    from training.config import TrainConfig
+from training.train import run_training
 
 # Krizhevsky et al. (2012), Fig. 1: the training error both nets were timed to.
 DEFAULT_TARGET_ERROR = 0.25
@@ -105,8 +103,6 @@ def add_compare_args(parser: argparse.ArgumentParser) -> None:
 def main_compare(args: argparse.Namespace, base: TrainConfig | None = None) -> int:
     """Run `compare` from parsed arguments (training flags plus add_compare_args); exit code."""
     if base is None:
-        from training.config import config_from_args
-
         base = config_from_args(args)
     target = args.target_error if args.target_error is not None else DEFAULT_TARGET_ERROR
     out_dir = args.compare_out or Path(base.out) / f"{_base_name(base)}-compare"
@@ -118,8 +114,6 @@ def compare(
     base: TrainConfig, activations: Sequence[str], target_error: float, out_dir: Path
 ) -> list[dict]:
     """Train ``base`` once per activation; write, print and return the comparison table."""
-    from training.train import run_training
-
     # Checked before the first run, not after an hour of training the others.
     activations = validate_activations(activations)
     if not 0 < target_error < 1:

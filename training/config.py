@@ -6,6 +6,9 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
+from training.architectures import INITS, list_models
+from training.data import DATA_KINDS
+
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("onecycle", "cosine", "none")
 
@@ -67,9 +70,6 @@ def _size(text: str) -> tuple[int, int]:
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
     """The training flags, shared by `train` and `compare`."""
-    from training.architectures import INITS, list_models
-    from training.data import DATA_KINDS
-
     d = TrainConfig()
     g = parser.add_argument_group("data")
     g.add_argument("--data", default=d.data, help=f"data kind: {', '.join(DATA_KINDS)}")

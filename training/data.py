@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 
 DATA_KINDS = ("digits", "idx", "folder", "cifar10")
 
@@ -461,8 +462,6 @@ def _load_folder(
         train_files, train_ids = [train_files[i] for i in keep], train_ids[keep]
 
     # Read headers first (cheap: Pillow decodes pixels lazily) to settle size and channels.
-    from PIL import Image, UnidentifiedImageError
-
     modes = []
     for i, file in enumerate(train_files + val_files):
         try:
@@ -489,8 +488,6 @@ def _load_folder(
 
 def _read_images(files: Sequence[Path], channels: int, image_size: tuple[int, int]) -> torch.Tensor:
     """Decode, convert and resize image files into (N, C, H, W) float32 in [0, 1]."""
-    from PIL import Image
-
     height, width = image_size
     out = np.empty((len(files), height, width, channels), dtype=np.uint8)  # (N, H, W, C)
     mode = "L" if channels == 1 else "RGB"

@@ -13,7 +13,7 @@ import logging
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,8 @@ class ExportResult:
     version: int
     max_abs_diff: float
     accuracy: float
+    proto: onnx.ModelProto = field(repr=False)  # as written, metadata included
+    metadata: ModelMetadata = field(repr=False)
     quantized_path: Path | None = None
     quantized_accuracy: float | None = None
 
@@ -232,13 +234,10 @@ def export_model(
     training: dict,
     version: int | None = None,
     overwrite: bool = False,
-    quantize: bool = False,
     stats_samples: int = 1000,
 ) -> ExportResult:
     """Export, verify and write ``model`` (val_x normalised, as the model takes it)."""
     path, version = target_path(root, name, version, overwrite)
-    if quantize:  # refuse before any work, not after the float model is written
-        target_path(root, f"{name}-int8", version, overwrite)
     proto = to_onnx(model, val_x[:2])
     layers = describe_activations(model, proto)
     try:
@@ -269,14 +268,10 @@ def export_model(
     set_metadata(proto, meta)
     atomic_write_bytes(path, proto.SerializeToString())
     log.info("exported %s (held-out accuracy %.4f, parity %.1e)", path, accuracy, max_diff)
-    result = ExportResult(path=path, version=version, max_abs_diff=max_diff, accuracy=accuracy)
-    if quantize:
-        from training.quantize import quantize_export
-
-        quantize_export(
-            result, proto, meta, root=root, val_x=val_x, val_y=val_y, overwrite=overwrite
-        )
-    return result
+    return ExportResult(
+        path=path, version=version, max_abs_diff=max_diff, accuracy=accuracy, proto=proto,
+        metadata=meta,
+    )  # fmt: skip
 
 
 def _reference(stats: list[LayerStats], samples: int) -> ReferenceProfile:
@@ -302,82 +297,3 @@ def image_background(x: torch.Tensor) -> str | None:
     if level < 0.2:
         return "dark"
     return "light" if level > 0.8 else None
-
-
-def export_checkpoint(
-    source: str | Path,
-    *,
-    root: Path,
-    name: str,
-    version: int | None = None,
-    overwrite: bool = False,
-    quantize: bool = False,
-) -> ExportResult:
-    """Re-export from a checkpoint file or run folder, without retraining."""
-    from training.config import TrainConfig
-    from training.train import build_model, load_bundle, load_checkpoint
-
-    state = load_checkpoint(source)
-    cfg = TrainConfig.from_dict(state["config"])
-    data = state["data"]
-    bundle = load_bundle(cfg)  # the held-out split is a pure function of the config
-    if bundle.labels != data["labels"] or list(bundle.image_size) != data["image_size"]:
-        raise ExportError(
-            f"the data at {cfg.data_path or cfg.data} no longer matches the checkpoint "
-            f"(labels or image size changed)"
-        )
-    model = build_model(cfg, bundle)
-    model.load_state_dict(state["model"])
-    return export_trained(
-        model,
-        cfg,
-        bundle,
-        state["history"],
-        root=root,
-        name=name,
-        version=version,
-        overwrite=overwrite,
-        quantize=quantize,
-    )
-
-
-def export_trained(
-    model, cfg, bundle, history, *, root, name, version=None, overwrite=False, quantize=False
-) -> ExportResult:
-    """Export a model trained by training.train with the run's config, data and history."""
-    from training.train import normalize
-
-    mean, std = bundle.mean_std()
-    h, w = bundle.image_size
-    last = history[-1] if history else {}
-    return export_model(
-        model,
-        name=name,
-        root=root,
-        val_x=normalize(bundle.val_x, mean, std),
-        val_y=bundle.val_y,
-        labels=bundle.labels,
-        preprocessing=Preprocessing(
-            height=h,
-            width=w,
-            channels=bundle.channels,
-            mean=mean,
-            std=std,
-            background=image_background(bundle.train_x),
-        ),
-        architecture=cfg.arch,
-        activation=cfg.activation,
-        training={
-            "data": bundle.source,
-            "held_out": bundle.held_out,
-            "train_samples": len(bundle.train_x),
-            "held_out_samples": len(bundle.val_x),
-            "epochs": last.get("epoch"),
-            "val_accuracy": last.get("val_accuracy"),
-            "config": cfg.to_dict(),
-        },
-        version=version,
-        overwrite=overwrite,
-        quantize=quantize,
-        stats_samples=cfg.stats_samples,
-    )

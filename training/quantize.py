@@ -76,8 +76,6 @@ def reference_from_onnx(
 
 def quantize_export(
     result: ExportResult,
-    proto: onnx.ModelProto,
-    meta: ModelMetadata,
     *,
     root: Path,
     val_x: torch.Tensor,
@@ -85,6 +83,7 @@ def quantize_export(
     overwrite: bool,
 ) -> None:
     """Write ``<name>-int8/<version>/model.onnx`` and record the accuracy change in result."""
+    proto, meta = result.proto, result.metadata
     x, y = val_x.numpy(), val_y.numpy()
     int8 = quantize_proto(proto, x[:CALIBRATION_SAMPLES])
     accuracy = onnx_accuracy(int8, x, y)

@@ -25,6 +25,7 @@ from torch import nn
 from training.architectures import ActivationSpec, count_parameters, create_model
 from training.config import OPTIMIZERS, SCHEDULES, TrainConfig
 from training.data import DataBundle, load_data
+from training.report import write_report
 from training.stats import measure_layers
 
 log = logging.getLogger(__name__)
@@ -394,7 +395,5 @@ def _finish(cfg, run_dir, model, bundle, history) -> TrainResult:
             "held_out_samples": len(bundle.val_x),
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        from training.report import write_report
-
         write_report(run_dir, target_error=cfg.target_error)
     return result

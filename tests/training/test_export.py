@@ -14,10 +14,9 @@ from training.export import (
     ExportError,
     _module_name,
     atomic_write_bytes,
-    export_checkpoint,
-    export_trained,
     to_onnx,
 )
+from training.pipeline import export_checkpoint, export_trained
 from training.train import normalize
 
 
