@@ -1,13 +1,15 @@
 """``python -m service [uvicorn options]``: uvicorn serving ``service.main:app`` with the
-service's HTTP protocol (``service.server.protocol``: one system call per response).
+service's HTTP protocol (``service.server.protocol``: one system call per response;
+``RELU_SERVE_COALESCE_WRITES=false`` keeps uvicorn's own).
 
 Every uvicorn option works as on uvicorn's own command line (``--host``, ``--port``,
 ``--workers``, ``--log-level``, ``--reload``, ...); a later ``--http`` overrides ours.
 ``uvicorn service.main:app`` serves the same app with uvicorn's stock protocol.
 
 ``--workers N`` starts N independent copies: each loads the models and keeps its own model
-changes, live statistics and metrics, and they share one listening socket unevenly (README,
-"More processes"). One process (the default) is the supported way to run the service.
+changes, live statistics and metrics, and they share one listening socket unevenly
+(docs/deployment.md, "One process per pod"). One process (the default) is the supported
+way to run the service.
 """
 
 from __future__ import annotations
@@ -16,16 +18,20 @@ import sys
 
 import uvicorn.main
 
+from service.settings import load_settings
+
 APP = "service.main:app"
 HTTP_PROTOCOL = "service.server.protocol:HttpToolsProtocol"
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run uvicorn's command line with our app and protocol first."""
+    """Run uvicorn's command line with our app and, unless ``RELU_SERVE_COALESCE_WRITES`` is
+    false, our protocol first."""
     args = sys.argv[1:] if argv is None else argv
     if "--help" in args:
         sys.stdout.write(__doc__.replace("``", "`").strip() + "\n\n")
-    uvicorn.main.main([APP, "--http", HTTP_PROTOCOL, *args], prog_name="python -m service")
+    protocol = ["--http", HTTP_PROTOCOL] if load_settings().coalesce_writes else []
+    uvicorn.main.main([APP, *protocol, *args], prog_name="python -m service")
 
 
 if __name__ == "__main__":

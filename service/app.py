@@ -17,7 +17,7 @@ from service.core.images import configure_pillow
 from service.core.metrics import ServiceMetrics
 from service.core.repository import ModelNotFoundError
 from service.runtime.loaded_model import ModelInputError
-from service.server.dispatch import HotRoutes, ServiceApp
+from service.server.dispatch import DirectRoutes, ServiceApp, no_arguments, query_model
 from service.server.logs import configure_logging
 from service.server.shutdown import GracefulShutdown
 from service.settings import ServiceSettings, load_settings
@@ -32,7 +32,9 @@ TAGS = [
 ]
 
 GC_YOUNG_THRESHOLD = 20_000
-HOT_ENDPOINTS = (v1.predict, v2.infer)  # the routes that carry the traffic (service.server.dispatch)
+# The routes that carry the traffic, and how each reads its endpoint's arguments, for the
+# direct dispatch (service.server.dispatch, RELU_SERVE_DIRECT_DISPATCH).
+DIRECT_ENDPOINTS = {v1.predict: query_model("query", v1.PredictQuery), v2.infer: no_arguments}
 TELEMETRY_OFF = {"tracing": False, "metrics": False, "logs": False}
 
 
@@ -91,9 +93,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.plane = plane
     app.state.metrics = service_metrics
-    # Predict and infer skip FastAPI's per-request machinery, not our middleware.
-    hot = [r for r in (*v1.router.routes, *v2.router.routes) if r.endpoint in HOT_ENDPOINTS]
-    app.hot = HotRoutes(hot, app.exception_handlers, middleware)
+    if settings.direct_dispatch:  # predict and infer skip FastAPI's machinery, not ours
+        routes = (*v1.router.routes, *v2.router.routes)
+        app.direct = DirectRoutes(routes, DIRECT_ENDPOINTS, app.exception_handlers, middleware)
     for router in (health.router, v1.router, v2.router, metrics.router, ui.router):
         app.include_router(router)
     app.include_router(management.router)  # model management, behind the API key

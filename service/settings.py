@@ -83,12 +83,12 @@ class ServiceSettings(BaseSettings):
     (ResNet-20, 64 clients)."""
 
     inline_small_models: bool = True
-    """Run the batches of small models (``service.runtime.loaded_model.SMALL_MODEL_MACS``) on the event loop
-    instead of an inference thread: their runs are shorter than the hand-off (the default
-    model at 1 client: p50 0.36 -> 0.29 ms; at 64 clients 20% less CPU per request).
-    Requests that reach the loop in the same step share a run; a run on the loop cannot be
-    cut short by ``request_timeout_s`` (nor can one in a thread, but its request can give
-    up waiting)."""
+    """Run the batches of small models (``service.runtime.loaded_model.SMALL_MODEL_MACS``)
+    on the event loop instead of an inference thread: their runs are shorter than the
+    hand-off (the default model at 1 client: p50 0.36 -> 0.29 ms; at 64 clients 20% less CPU per
+    request). Requests that reach the loop in the same step share a run; a run on the loop
+    cannot be cut short by ``request_timeout_s`` (nor can one in a thread, but its request
+    can give up waiting)."""
 
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     """Largest request body accepted, in bytes; larger ones get 413."""
@@ -137,6 +137,16 @@ class ServiceSettings(BaseSettings):
     OpenTelemetry SDK or ``opentelemetry-instrument`` sets up). Off by default: the service
     exports Prometheus metrics itself, and FastAPI's check for configured providers alone cost
     ~3% of the event loop's time per request under load."""
+
+    direct_dispatch: bool = True
+    """Predict and v2 infer go straight to their endpoints past FastAPI's router and
+    per-route layers (``service.server.dispatch``); off: every request takes FastAPI's own
+    path. The answers are the same either way; docs/benchmarks.md has what it saves."""
+
+    coalesce_writes: bool = True
+    """``python -m service`` runs uvicorn's httptools protocol with each response's head and
+    body sent in one system call (``service.server.protocol``); off: uvicorn's stock
+    protocol. Read by ``python -m service`` only (plain ``uvicorn`` takes ``--http``)."""
 
     gil_switch_interval_ms: float = Field(default=0.5, gt=0.0, le=100.0)
     """Python's thread switch interval (``sys.setswitchinterval``), set at start-up. Python's

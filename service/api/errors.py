@@ -1,9 +1,9 @@
-"""The one handler map that turns errors into JSON answers, and the OpenAPI shape of those answers.
+"""The one handler map that turns errors into JSON answers, and the OpenAPI shape of them.
 
-The core and the codecs raise ``service.core.errors``; ``create_app`` registers this map once. Bodies are
-``{"error": {"code": ..., "message": ...}}``, except under ``/v2`` where the Open Inference
-Protocol requires ``{"error": "<message>"}``. A client mistake is never a 500: anything not
-mapped here is logged with its traceback and answered with a generic 500.
+The core and the codecs raise ``service.core.errors``; ``create_app`` registers this map
+once. Bodies are ``{"error": {"code": ..., "message": ...}}``, except under ``/v2`` where the
+Open Inference Protocol requires ``{"error": "<message>"}``. A client mistake is never a
+500: anything not mapped here is logged with its traceback and answered with a generic 500.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import binascii
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import orjson
@@ -30,10 +30,10 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
 from service.core.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
-from service.server.dispatch import read_body
 
 StatsLevel = Literal["none", "summary", "channels"]
-STATS_LEVELS: tuple[str, ...] = ("none", "summary", "channels")
+StatsLevel = Literal["none", "summary", "channels"]
+STATS_LEVELS: tuple[str, ...] = get_args(StatsLevel)
 FILE_FIELDS = ("file", "files")
 SHAPE_HEADER = "X-Tensor-Shape"
 ACCEPTED_TYPES = (
@@ -63,12 +63,12 @@ async def read_predict_body(
     if media_type == "multipart/form-data":
         return await _read_multipart(request, max_items)
     if media_type == "application/json" or media_type.endswith("+json"):
-        return _read_json(await read_body(request), max_items)
+        return _read_json(await request.body(), max_items)
     if media_type == "application/octet-stream":
         shape = request.headers.get(SHAPE_HEADER) or query_shape
-        return PredictBody(tensor=decode_raw_tensor(await read_body(request), shape))
+        return PredictBody(tensor=decode_raw_tensor(await request.body(), shape))
     if media_type.startswith("image/"):
-        return PredictBody(images=[("body", await read_body(request))])
+        return PredictBody(images=[("body", await request.body())])
     shown = media_type or "none"
     raise UnsupportedMediaTypeError(
         f"content type {shown!r} is not accepted for predict; send {ACCEPTED_TYPES}"

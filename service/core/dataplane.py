@@ -13,7 +13,7 @@ import logging
 import random
 import sys
 import weakref
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,6 @@ from service.core.errors import BadRequestError, PayloadTooLargeError, ServiceUn
 from service.core.images import decode_image, default_preprocessing, preprocess_images
 from service.core.metrics import GaugeFamily, ServiceMetrics
 from service.core.repository import ModelRepository
-from service.metadata import Preprocessing
 from service.runtime.loaded_model import STATS_MODES, LoadedModel, ModelInputError, RunResult
 from service.settings import ServiceSettings
 
@@ -150,24 +149,34 @@ class DataPlane:
 
     # ----------------------------------------------------------------- inputs
 
-    def preprocessing_for(self, model: LoadedModel) -> Preprocessing:
-        """The model's preprocessing, or a plain [0, 1] scaling for image-shaped foreign
-        models (400 for others: they take tensors only)."""
-        if model.preprocessing is not None:
-            return model.preprocessing
-        info = model.info()
-        return default_preprocessing(info["name"], info["input"]["shape"])
-
-    async def images_to_tensor(
-        self, model: LoadedModel, images: list[tuple[str, bytes]]
-    ) -> np.ndarray:
-        """Decode and preprocess images in a worker thread: (N, C, H, W) float32."""
-        if not images:
+    async def predict(
+        self,
+        name: str,
+        version: str | None,
+        inputs: np.ndarray | Sequence[tuple[str, bytes]],
+        stats: str = "none",
+    ) -> tuple[LoadedModel, RunResult]:
+        """One prediction from decoded request to result: the model ``name`` at ``version``
+        (default: latest) run on a tensor (N, ...) or on named image files, which are
+        decoded and preprocessed as the model's metadata says."""
+        model = self.get_model(name, version)
+        if isinstance(inputs, np.ndarray):
+            return model, await self.infer(model, inputs, stats)
+        if not inputs:
             raise BadRequestError(
                 "empty batch: the request has no images (batch size 0)", code="invalid_input"
             )
-        self.check_batch(len(images))
-        prep = self.preprocessing_for(model)
+        self.check_batch(len(inputs))  # before decoding any of them
+        x = await self._images_to_tensor(model, inputs)
+        return model, await self._infer(model, x, stats)
+
+    async def _images_to_tensor(
+        self, model: LoadedModel, images: Sequence[tuple[str, bytes]]
+    ) -> np.ndarray:
+        """Decode and preprocess images (N, C, H, W) float32; a worker thread does it unless
+        they are small. A foreign image-shaped model gets a plain [0, 1] scaling; other
+        models without preprocessing take tensors only (400)."""
+        prep = model.preprocessing or default_preprocessing(model.name, model.input_shape)
         max_pixels = self.settings.max_image_pixels
 
         def work() -> np.ndarray:
@@ -200,6 +209,10 @@ class DataPlane:
         """
         if x.ndim >= 1:
             self.check_batch(int(x.shape[0]))
+        return await self._infer(model, x, stats)
+
+    async def _infer(self, model: LoadedModel, x: np.ndarray, stats: str) -> RunResult:
+        """``infer`` once the batch size is checked."""
         if stats not in STATS_MODES:
             raise ModelInputError(
                 f"unknown statistics option {stats!r}; choose one of {', '.join(STATS_MODES)}"

@@ -1,16 +1,22 @@
-"""A short way in for the few routes that carry the traffic (predict, v2 infer).
+"""Direct dispatch: predict and v2 infer go straight to their endpoints, past FastAPI's router.
 
 Under load, uvicorn alone costs ~25 us of CPU per request here, a FastAPI no-op endpoint
 ~85 us: the rest is Starlette's and FastAPI's per-request machinery (their middleware stack,
 the route search over every route, the per-route exception, exit-stack and request/response
 layers). Serving the default model, that machinery took more of the event loop's time than
-the predict itself (py-spy). ``ServiceApp`` is FastAPI with one addition: a request that one
-of the ``HotRoutes`` matches skips all of that and goes to the route's endpoint through only
+the predict itself (py-spy). ``ServiceApp`` is FastAPI with one addition: a POST that one of
+the ``DirectRoutes`` matches skips all of that and goes to the route's endpoint through only
 the service's own middleware (metrics, body limit), with what the router would have put in
-the scope (``app``, ``path_params``, ``route``, ``endpoint``) and the app's own exception
-handlers for the errors it raises. The endpoints, their checks and their error answers are
-the same objects as on the normal path; only the way in is shorter. Every other request goes
-through FastAPI as usual.
+the scope (``path_params``, ``route``, ``endpoint``) and the app's own exception handlers
+for the errors it raises. The endpoints, their checks and their error answers are the same
+objects as on FastAPI's path; only the way in is shorter. Every other request goes through
+FastAPI as usual.
+
+This is a shortcut around a framework, kept because ``bench/bench_shortcuts.py`` measures it
+(docs/benchmarks.md); ``RELU_SERVE_DIRECT_DISPATCH=false`` switches it off, and
+tests/service/server/test_dispatch.py sends one corpus of requests both ways and compares the
+answers. It uses only Starlette's and FastAPI's public API: ``BaseRoute.matches``,
+``Middleware``'s ``cls``/``args``/``kwargs``, pydantic validation of the query model.
 """
 
 from __future__ import annotations
@@ -20,53 +26,78 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
 from starlette.middleware import Middleware
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Request, Exception], Awaitable[Response]]
+# The keyword arguments an endpoint takes beside the request, read from the request the way
+# FastAPI would (for example ``query_model``).
+Arguments = Callable[[Request], Mapping[str, Any]]
 
 
-class HotRoutes:
-    """Match POSTs to ``routes`` (endpoints taking only the request) and run them under
-    ``middleware``, answering their exceptions with ``handlers``."""
+def no_arguments(request: Request) -> Mapping[str, Any]:
+    """For endpoints that take only the request."""
+    return {}
+
+
+def query_model(param: str, model: type[BaseModel]) -> Arguments:
+    """The argument ``param``, a pydantic model of the query string, validated as FastAPI's
+    ``Annotated[model, Query()]`` does: the same model, and its errors under ``("query", ...)``
+    as a RequestValidationError (422 through the app's handler)."""
+
+    def arguments(request: Request) -> Mapping[str, Any]:
+        try:
+            return {param: model.model_validate(dict(request.query_params))}
+        except ValidationError as exc:
+            errors = [
+                {**error, "loc": ("query", *error["loc"])}
+                for error in exc.errors(include_url=False)
+            ]
+            raise RequestValidationError(errors) from None
+
+    return arguments
+
+
+class DirectRoutes:
+    """Match POSTs to those of ``routes`` whose endpoint ``endpoints`` names (endpoint -> how
+    to read its arguments), run them under ``middleware``, answer their exceptions with
+    ``handlers``."""
 
     def __init__(
         self,
-        routes: Iterable[APIRoute],
+        routes: Iterable[BaseRoute],
+        endpoints: Mapping[Callable[..., Any], Arguments],
         handlers: Mapping[Any, Handler],
         middleware: Sequence[Middleware] = (),
     ) -> None:
-        self.routes = list(routes)
+        self.routes = [r for r in routes if isinstance(r, APIRoute) and r.endpoint in endpoints]
         for route in self.routes:
-            if route.methods != {"POST"} or route.dependant.dependencies:
-                raise ValueError(f"{route.path}: a hot route is a POST taking only the request")
+            if route.methods != {"POST"}:
+                raise ValueError(f"{route.path}: a direct route is a POST")
+        self.endpoints = dict(endpoints)
         self.handlers = dict(handlers)
         app: ASGIApp = self._endpoint
         for item in reversed(middleware):  # the first listed runs first, as in Starlette
-            cls, args, kwargs = item
-            app = cls(app, *args, **kwargs)
+            app = item.cls(app, *item.args, **item.kwargs)
         self.app = app
 
     def match(self, scope: Scope) -> bool:
-        """Whether a hot route takes this request; if so, its scope gets the route and the
-        path parameters, as the router would set them."""
+        """Whether a direct route takes this request; if so, its scope gets what the router
+        would set (route, endpoint, path parameters)."""
         if scope["type"] != "http" or scope["method"] != "POST":
             return False
-        path = scope["path"]
         for route in self.routes:
-            found = route.path_regex.match(path)
-            if found is not None:
-                scope["path_params"] = {
-                    key: route.param_convertors[key].convert(value)
-                    for key, value in found.groupdict().items()
-                }
-                scope["route"] = route
-                scope["endpoint"] = route.endpoint
+            found, child_scope = route.matches(scope)
+            if found is Match.FULL:
+                scope.update(child_scope)
                 return True
         return False
 
@@ -80,7 +111,8 @@ class HotRoutes:
     async def _endpoint(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
         try:
-            response = await scope["endpoint"](request)
+            endpoint = scope["endpoint"]
+            response = await endpoint(request, **self.endpoints[endpoint](request))
         except Exception as exc:
             handler = self._handler_for(exc)
             if handler is None:
@@ -91,33 +123,16 @@ class HotRoutes:
         await response(scope, receive, send)
 
 
-async def read_body(request: Request) -> bytes:
-    """The whole request body, as ``Request.body()`` gives it, without its async generator
-    (~2 us per request on the hot routes); later ``body()`` calls get the same bytes."""
-    if hasattr(request, "_body"):  # read already
-        return request._body
-    chunks = []
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
-    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    request._body = body  # where Request.body() keeps what it read
-    return body
-
-
 class ServiceApp(FastAPI):
-    """FastAPI, plus ``hot``: requests it matches skip FastAPI's machinery (module docstring)."""
+    """FastAPI, plus ``direct``: requests it matches skip FastAPI's machinery (module
+    docstring)."""
 
-    hot: HotRoutes | None = None
+    direct: DirectRoutes | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        hot = self.hot
-        if hot is not None and hot.match(scope):
+        direct = self.direct
+        if direct is not None and direct.match(scope):
             scope["app"] = self
-            await hot.app(scope, receive, send)
+            await direct.app(scope, receive, send)
             return
         await super().__call__(scope, receive, send)

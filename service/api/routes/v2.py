@@ -30,7 +30,6 @@ from service.core.dataplane import DataPlane
 from service.core.errors import BadRequestError
 from service.metadata import SATURATING_KINDS
 from service.runtime.loaded_model import LoadedModel, RunResult
-from service.server.dispatch import read_body
 
 router = APIRouter(
     prefix="/v2",
@@ -180,7 +179,7 @@ async def infer(request: Request) -> Response:
     params = request.path_params
     model = plane.get_model(params["name"], params.get("version"))
     decoded = decode_infer_request(
-        await read_body(request),
+        await request.body(),
         header_length=request.headers.get(HEADER_LENGTH),
         content_encoding=request.headers.get("content-encoding"),
         max_body_bytes=plane.settings.max_body_bytes,

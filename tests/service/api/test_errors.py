@@ -527,10 +527,11 @@ def test_unexpected_errors_are_a_logged_generic_500(
     app = create_app(make_settings(model_repo))
     with TestClient(app, raise_server_exceptions=False) as client:
 
-        async def broken(*args: Any, **kwargs: Any) -> Any:
+        def broken(*args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("secret internal detail")
 
-        monkeypatch.setattr(app.state.plane, "infer", broken)
+        model = app.state.plane.get_model("tiny")
+        monkeypatch.setattr(model, "run_batch", broken)  # a bug in the model run
         with caplog.at_level(logging.ERROR, logger="service"):
             v1 = client.post(PREDICT, files={"file": ("a.png", image_bytes())})
             v2 = client.post(INFER, json=v2_body())

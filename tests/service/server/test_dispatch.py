@@ -1,8 +1,7 @@
-"""The short way in for predict and infer (service.server.dispatch): same answers as FastAPI's path."""
+"""Direct dispatch of predict and infer (service.server.dispatch): FastAPI's answers, shorter."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 from collections.abc import Iterator
@@ -10,16 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi import Depends, Request
+from fastapi import Request
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from starlette.middleware import Middleware
-from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.app import create_app
-from service.server.dispatch import HotRoutes, ServiceApp, read_body
+from service.server.dispatch import DirectRoutes, ServiceApp, no_arguments
 from tests.service.conftest import reference_inputs
 from tests.service.http_helpers import image_bytes, make_settings
 
@@ -66,15 +64,15 @@ class Tag:
 
 @pytest.fixture
 def small_app() -> ServiceApp:
-    """An app whose router knows no route at all: only the hot path can answer."""
+    """An app whose router knows no route at all: only the direct dispatch can answer."""
     app = ServiceApp(exception_handlers={HandledError: failure_handler, Exception: bug_handler})
     route = APIRoute("/things/{what}", endpoint, methods=["POST"])
     middleware = [Middleware(Tag, name="outer"), Middleware(Tag, name="inner")]
-    app.hot = HotRoutes([route], app.exception_handlers, middleware)
+    app.direct = DirectRoutes([route], {endpoint: no_arguments}, app.exception_handlers, middleware)
     return app
 
 
-def test_a_hot_route_is_answered_without_the_router(small_app: ServiceApp) -> None:
+def test_a_direct_route_is_answered_without_the_router(small_app: ServiceApp) -> None:
     client = TestClient(small_app)
     response = client.post("/things/spoon", content=b"hello")
     assert response.status_code == 200
@@ -99,30 +97,23 @@ def test_errors_go_through_the_apps_handlers(
     assert client.post("/things/fine").status_code == 200  # and it keeps serving
 
 
-def test_only_plain_post_endpoints_can_be_hot() -> None:
-    def needs() -> int:
-        return 1
-
-    async def with_dependency(request: Request, value: int = Depends(needs)) -> Response:
-        return Response()
-
-    with pytest.raises(ValueError, match="POST taking only the request"):
-        HotRoutes([APIRoute("/x", with_dependency, methods=["POST"])], {})
-    with pytest.raises(ValueError, match="POST taking only the request"):
-        HotRoutes([APIRoute("/x", endpoint, methods=["GET"])], {})
+def test_only_post_endpoints_can_be_direct() -> None:
+    with pytest.raises(ValueError, match="a direct route is a POST"):
+        DirectRoutes([APIRoute("/x", endpoint, methods=["GET"])], {endpoint: no_arguments}, {})
 
 
-# ---------------------------------------------------------------- the service's hot routes
+# ---------------------------------------------------------------- the service's direct routes
 
 
 @pytest.fixture(scope="module")
 def clients(model_repo: Path) -> Iterator[tuple[TestClient, TestClient]]:
-    """The service as built, and the same service with the hot path switched off."""
+    """The service as built, and the same service with the direct dispatch switched off."""
     settings = make_settings(model_repo, max_body_bytes=64 * 1024)
-    hot_app, plain_app = create_app(settings), create_app(settings)
+    hot_app = create_app(settings)
+    plain_app = create_app(settings.model_copy(update={"direct_dispatch": False}))
     assert isinstance(hot_app, ServiceApp)
-    assert hot_app.hot is not None
-    plain_app.hot = None
+    assert hot_app.direct is not None
+    assert plain_app.direct is None
     with TestClient(hot_app) as hot, TestClient(plain_app) as plain:
         yield hot, plain
 
@@ -146,6 +137,15 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "unknown model": ("/v1/models/nope/predict?shape=2,1,8,8", RAW),
     "unknown version": ("/v2/models/tiny/versions/9/infer", V2),
     "bad query": ("/v1/models/tiny/predict?top_k=zero", RAW),
+    "top_k under 1": ("/v1/models/tiny/predict?shape=2,1,8,8&top_k=0", RAW),
+    "empty top_k": ("/v1/models/tiny/predict?shape=2,1,8,8&top_k=", RAW),
+    "two bad parameters": ("/v1/models/tiny/predict?shape=2,1,8,8&top_k=-1&stats=all", RAW),
+    "repeated parameter": ("/v1/models/tiny/predict?shape=2,1,8,8&top_k=1&top_k=2", RAW),
+    "unknown parameter": ("/v1/models/tiny/predict?shape=2,1,8,8&colour=red", RAW),
+    "query statistics on images": (
+        "/v1/models/tiny/predict?stats=summary&top_k=2",
+        {"files": {"file": ("a.png", image_bytes())}},
+    ),
     "wrong shape": ("/v1/models/tiny/predict?shape=1,1,8,16", RAW),
     "no shape": ("/v1/models/tiny/predict", RAW),
     "media type": (
@@ -171,12 +171,15 @@ def test_the_hot_path_answers_as_fastapi_does(
         kwargs = {"json": {"tensor": {**tensor, "data": tensor["data"].decode()}}}
     hot, plain = (client.post(path, **kwargs) for client in clients)
     assert hot.status_code == plain.status_code
-    assert hot.headers["content-type"] == plain.headers["content-type"]
-    assert hot.json() == plain.json()
-    if case in ("raw tensor", "v2 infer"):
+    assert hot.headers == plain.headers  # all of them, content-length included
+    assert hot.content == plain.content
+    if case in ("raw tensor", "v2 infer", "repeated parameter", "query statistics on images"):
         assert hot.status_code == 200
     if case in ("unknown model", "bad query", "media type", "body too large"):
         assert 400 <= hot.status_code < 500
+    if "top_k" in case or "parameters" in case or case == "bad query":
+        assert hot.status_code == 422
+        assert "query parameter top_k" in hot.json()["error"]["message"]
 
 
 def test_hot_requests_are_counted_under_their_route(
@@ -197,36 +200,3 @@ def _count(client: TestClient, route: str, model: str, status: str) -> float:
         if line.startswith("relu_serve_http_requests_total{") and wanted in line:
             return float(line.rsplit(" ", 1)[1])
     return 0.0
-
-
-def _request(*messages: dict) -> Request:
-    pending = list(messages)
-
-    async def receive() -> dict:
-        return pending.pop(0)
-
-    return Request({"type": "http", "method": "POST", "headers": []}, receive)
-
-
-def test_read_body_joins_chunks_and_leaves_the_body_to_starlette() -> None:
-    async def main() -> None:
-        request = _request(
-            {"type": "http.request", "body": b"ab", "more_body": True},
-            {"type": "http.request", "body": b"cd", "more_body": False},
-        )
-        assert await read_body(request) == b"abcd"
-        assert await request.body() == b"abcd"  # no second receive: it would fail here
-        assert await read_body(request) == b"abcd"
-        one = _request({"type": "http.request", "body": b"whole"})
-        assert await one.body() == b"whole"  # read by Starlette first
-        assert await read_body(one) == b"whole"
-
-    asyncio.run(main())
-
-
-def test_read_body_raises_when_the_client_went_away() -> None:
-    request = _request(
-        {"type": "http.request", "body": b"ab", "more_body": True}, {"type": "http.disconnect"}
-    )
-    with pytest.raises(ClientDisconnect):
-        asyncio.run(read_body(request))
