@@ -1,12 +1,4 @@
 ARG BASE_IMAGE=python:3.12-slim
-# Stage 1: the serving requirements, read from pyproject's [project] dependencies (torch is
-# only in the `train` extra). A separate stage so that the install layer below is rebuilt only
-# when this list changes, not on every pyproject edit.
-FROM ${BASE_IMAGE} AS requirements
-WORKDIR /src
-COPY pyproject.toml ./
-RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('requirements.txt', 'w').write('\n'.join(deps) + '\n')"
-
 FROM ${BASE_IMAGE}
 
 # relu-serve, CPU image: the serving dependencies only (no torch, no training code), the
@@ -26,9 +18,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Dependencies first, in their own layer, so a source change rebuilds in seconds.
-COPY --from=requirements /src/requirements.txt /tmp/requirements.txt
-RUN python -m pip install --no-cache-dir -r /tmp/requirements.txt \
+# Dependencies first, in their own layer, so a source change rebuilds in seconds: the serving
+# lock (pyproject's [project] dependencies, no torch, pinned with hashes by scripts/lock). The
+# layer is rebuilt only when the lock changes; --no-deps installs exactly the locked set.
+COPY requirements/serve.txt /tmp/requirements.txt
+RUN python -m pip install --no-cache-dir --require-hashes --no-deps -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
 # The service and the default model; bytecode compiled now, since the root filesystem may be

@@ -1,6 +1,7 @@
 """Dockerfile and Dockerfile.gpu without building them: hadolint clean, the shape the smoke
 tool and the spec expect (``ARG BASE_IMAGE`` first, non-root numeric user, HEALTHCHECK,
-serving only), and the requirement one-liners run for real on our pyproject.toml.
+serving only), and their dependencies installed from the hashed locks under requirements/
+(what the locks hold is checked in tests/test_locks.py).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CPU = REPO_ROOT / "Dockerfile"
 GPU = REPO_ROOT / "Dockerfile.gpu"
 DOCKERFILES = [CPU, GPU]
+LOCKS = {CPU: "requirements/serve.txt", GPU: "requirements/gpu.txt"}
 
 
 def hadolint() -> str:
@@ -67,9 +68,9 @@ def test_shape(path: Path) -> None:
 def test_serving_only(path: Path) -> None:
     steps = dockerfile_instructions(path)
     copied = [args.split()[0] for name, args in steps if name == "COPY" and "--from" not in args]
-    # The service, the default model, and pyproject.toml for its dependency list: no training/.
+    # The service, the default model, and the image's dependency lock: no training/.
     assert {"service/", "models/digits/"} <= set(copied)
-    assert set(copied) <= {"service/", "models/digits/", "pyproject.toml"}
+    assert set(copied) <= {"service/", "models/digits/", LOCKS[path]}
     text = " ".join(args for name, args in steps if name == "RUN")
     assert "torch" not in text
     assert "[train]" not in text
@@ -84,41 +85,33 @@ def test_environment_names_are_settings(path: Path) -> None:
     assert {n.lower() for n in names} <= set(ServiceSettings.model_fields)
 
 
-def requirements_code(path: Path) -> str:
-    """The ``python -c "..."`` that writes the requirements file, as written in ``path``."""
-    text = re.sub(r"\\\n", " ", path.read_text())
-    match = re.search(r'python -c "(import (?:re, )?tomllib;[^"]*)"', text)
-    assert match, f"no requirements one-liner in {path.name}"
-    return match.group(1)
+def pip_installs(path: Path) -> list[list[str]]:
+    """The arguments of every ``pip install`` in the RUN steps of ``path``."""
+    runs = " && ".join(args for name, args in dockerfile_instructions(path) if name == "RUN")
+    return [
+        command.split("pip install", 1)[1].split()
+        for command in re.split(r"&&|;", runs)
+        if "pip install" in command
+    ]
 
 
-def run_requirements_code(path: Path, tmp_path: Path) -> list[str]:
-    shutil.copy(REPO_ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    code = requirements_code(path).replace("/tmp/requirements.txt", "requirements.txt")
-    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True)
-    return (tmp_path / "requirements.txt").read_text().split("\n")[:-1]
-
-
-def project_dependencies() -> list[str]:
-    return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-
-
-def test_cpu_requirements_are_the_serving_dependencies(tmp_path: Path) -> None:
-    requirements = run_requirements_code(CPU, tmp_path)
-    assert requirements == project_dependencies()
-    assert not any(line.startswith("torch") for line in requirements)
-
-
-def test_gpu_requirements_swap_onnxruntime_for_onnxruntime_gpu(tmp_path: Path) -> None:
-    requirements = run_requirements_code(GPU, tmp_path)
-    expected = [
-        "onnxruntime-gpu" + d.removeprefix("onnxruntime") if re.match(r"onnxruntime\b(?!-)", d)
-        else d
-        for d in project_dependencies()
-    ]  # fmt: skip
-    assert requirements == expected
-    assert sum(line.startswith("onnxruntime-gpu") for line in requirements) == 1
-    assert not any(re.match(r"onnxruntime(?!-gpu)\b", line) for line in requirements)
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dependencies_come_from_the_hashed_lock_before_the_source(path: Path) -> None:
+    """One pip install, of exactly the image's lock (copied in, hashes required, no
+    dependency resolution at build time), in a layer before the service's source."""
+    steps = dockerfile_instructions(path)
+    copies = [args.split() for name, args in steps if name == "COPY" and "--from" not in args]
+    (lock_copy,) = [args for args in copies if args[0].startswith("requirements/")]
+    assert lock_copy[0] == LOCKS[path]
+    assert (REPO_ROOT / LOCKS[path]).is_file()
+    (install,) = pip_installs(path)
+    assert "--require-hashes" in install
+    assert "--no-deps" in install
+    assert install[install.index("-r") + 1] == lock_copy[1]
+    # Nothing else named on the line: every package comes from the lock.
+    assert [arg for arg in install if not arg.startswith("-") and arg != lock_copy[1]] == []
+    order = [args.split()[0] for name, args in steps if name in {"COPY", "RUN"}]
+    assert order.index(LOCKS[path]) < order.index("service/")
 
 
 def test_gpu_image_prefers_cuda_on_a_cuda_cudnn_runtime_base() -> None:
@@ -142,5 +135,5 @@ def test_dockerignore_lets_in_exactly_what_the_images_copy() -> None:
             if name == "COPY" and "--from" not in args:
                 assert args.split()[0] in allowed, args
     assert json.dumps(sorted(allowed)) == json.dumps(
-        sorted(["pyproject.toml", "service/", "models/digits/"])
+        sorted([*LOCKS.values(), "service/", "models/digits/"])
     )
