@@ -15,6 +15,7 @@ from service.api.routes import health, management, metrics, ui, v1, v2
 from service.core.dataplane import DataPlane
 from service.core.images import configure_pillow
 from service.core.metrics import ServiceMetrics
+from service.core.model_manager import ModelManager
 from service.core.repository import ModelNotFoundError
 from service.runtime.loaded_model import ModelInputError
 from service.server.dispatch import DirectRoutes, ServiceApp, no_arguments, query_model
@@ -92,6 +93,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.plane = plane
+    app.state.manager = ModelManager(plane, settings.max_upload_bytes)
     app.state.metrics = service_metrics
     if settings.direct_dispatch:  # predict and infer skip FastAPI's machinery, not ours
         routes = (*v1.router.routes, *v2.router.routes)

@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -497,6 +497,27 @@ class ModelManager:
                 if name is None or Path(key).parent.parent.name == name
             }
             return {**changes, "failures": failed}
+
+    async def load_model(self, name: str) -> dict[str, Any]:
+        """Load or reload every version of a model from disk (Triton's repository ``load``):
+        400 when none is on disk, or when none of them loads (naming why)."""
+        result = await self.reload(name)
+        if not self.repository.available().get(name):
+            if not self.repository.discover_or_empty().get(name):
+                raise BadRequestError(f"model {name!r} has no version on disk to load")
+            raise BadRequestError(
+                f"model {name!r} failed to load: {'; '.join(result['failures'].values())}"
+            )
+        return result
+
+    async def upload_files(self, name: str, files: Mapping[str, bytes]) -> None:
+        """Upload whole files as versions (version -> bytes), each replacing its version."""
+        for version, data in files.items():
+
+            async def one(data: bytes = data) -> AsyncIterator[bytes]:
+                yield data
+
+            await self.upload(name, version, one(), overwrite=True)
 
     async def unload_model(self, name: str) -> dict[str, Any]:
         """Unload every version of a model (Triton's repository ``unload``)."""

@@ -171,12 +171,8 @@ MakeDefault = Annotated[
 
 
 def get_manager(request: Request) -> ModelManager:
-    """The app's model manager, made on first use (a FastAPI dependency)."""
-    state = request.app.state
-    manager: ModelManager | None = getattr(state, "manager", None)
-    if manager is None:
-        manager = ModelManager(state.plane, state.settings.max_upload_bytes)
-        state.manager = manager
+    """The app's model manager (a FastAPI dependency)."""
+    manager: ModelManager = request.app.state.manager
     return manager
 
 
@@ -418,22 +414,10 @@ async def v2_load(request: Request, manager: Manager, name: ModelName) -> Orjson
             files[version] = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             raise BadRequestError(f"file parameter {key!r} is not valid base64") from None
-    if not files:
-        result = await manager.reload(name)
-        if not manager.repository.available().get(name):
-            disk = manager.repository.discover_or_empty().get(name)
-            if not disk:
-                raise BadRequestError(f"model {name!r} has no version on disk to load")
-            raise BadRequestError(
-                f"model {name!r} failed to load: {'; '.join(result['failures'].values())}"
-            )
-        return OrjsonResponse({})
-    for version, data in files.items():
-
-        async def one(data: bytes = data) -> AsyncIterator[bytes]:
-            yield data
-
-        await manager.upload(name, version, one(), overwrite=True)
+    if files:
+        await manager.upload_files(name, files)
+    else:
+        await manager.load_model(name)
     return OrjsonResponse({})
 
 
