@@ -1,1 +1,1 @@
-"""Benchmarks: training, start-up, statistics overhead, and serving (run.py)."""
+"""Benchmarks: training, start-up, statistics overhead, and serving (run.py, parts in serving/)."""

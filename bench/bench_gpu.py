@@ -17,7 +17,8 @@ exports the benchmark's ResNet-20) and, for ``serve``, wrk on the PATH.
 - ``raw``: ResNet-20 in a plain onnxruntime session (the service's session options), images/s
   at batch 1, 32 and 64 on CUDA (numpy in and out, as the service runs it, and with inputs and
   outputs bound on the GPU) and on the CPU provider; the first run at each batch size apart.
-- ``serve``: wrk (1 thread, N connections, bench/run.py's script) against both servers.
+- ``serve``: wrk (1 thread, N connections, the Lua script of bench/serving/load.py) against
+  both servers.
 
 Figures are medians over ``--repeat`` windows or runs; every window is kept in the JSON.
 """
@@ -44,16 +45,9 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.make_models import build_repository  # noqa: E402
-from bench.run import (  # noqa: E402
-    PY,
-    Server,
-    free_port,
-    our_requests,
-    run_wrk,
-    sample_input,
-    start_server,
-    stop_server,
-)
+from bench.serving.inputs import our_requests, sample_input  # noqa: E402
+from bench.serving.load import run_wrk  # noqa: E402
+from bench.serving.servers import PY, Server, free_port, start_server, stop_server  # noqa: E402
 from service.runtime.providers import session_options  # noqa: E402
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"

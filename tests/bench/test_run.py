@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from bench import run
+from bench.serving import load, servers
+from bench.serving.inputs import octet_stream
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]
 
@@ -64,24 +66,24 @@ def test_reuseport_serves_from_every_copy_and_stops_them(tmp_path: Path) -> None
     """Two copies of the no-op server on one port: 32 keep-alive connections reach both, each
     doing a share of the work (the kernel hashes each connection to a socket: a split worse
     than 3 / 29 has a chance of ~1 in 4 million), and SIGTERM to the launcher stops both."""
-    port = run.free_port()
-    argv = run.reuseport_argv(2, [run.PY, "-m", "uvicorn", "bench.apps.noop:app"])
-    server = run.Server("noop-2p", argv, {}, "/health")
-    proc = run.start_server(server, port, tmp_path / "log")
+    port = servers.free_port()
+    argv = servers.reuseport_argv(2, [servers.PY, "-m", "uvicorn", "bench.apps.noop:app"])
+    server = servers.Server("noop-2p", argv, {}, "/health")
+    proc = servers.start_server(server, port, tmp_path / "log")
     try:
         children = [
             int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
         ]
         assert len(children) == 2
-        before = [run.tree_cpu_seconds(c) for c in children]
-        request = run.octet_stream("/noop", b"x" * 64)
-        result = run.run_wrk(port, request, 32, 2, tmp_path, proc.pid)
+        before = [load.tree_cpu_seconds(c) for c in children]
+        request = octet_stream("/noop", b"x" * 64)
+        result = load.run_wrk(port, request, 32, 2, tmp_path, proc.pid)
         assert result["errors"] == 0
         assert result["requests"] > 100
-        used = [run.tree_cpu_seconds(c) - b for c, b in zip(children, before, strict=True)]
+        used = [load.tree_cpu_seconds(c) - b for c, b in zip(children, before, strict=True)]
         assert min(used) > 0.1 * max(used), used  # each process did a share of the work
         os.kill(proc.pid, signal.SIGTERM)  # the launcher alone: it stops its copies
         assert proc.wait(15) == 0
         assert not any(Path(f"/proc/{child}").exists() for child in children)  # reaped
     finally:
-        run.stop_server(proc)
+        servers.stop_server(proc)

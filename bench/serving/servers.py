@@ -1,0 +1,216 @@
+"""The servers under test: how each is started (command line, environment, health URL), on
+which free port of 127.0.0.1, and stopped with its whole process group; ``build_servers``
+lists every row of the benchmark (no-op ceilings, ours, ours on several processes, naive,
+the prototypes, LitServe and BentoML from their own venv) with the requests each answers."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.serving.inputs import Request, octet_stream, our_requests, sample_input
+from service.__main__ import HTTP_PROTOCOL
+
+ROOT = Path(__file__).resolve().parents[2]
+PY = sys.executable
+BENCH_VENV = ROOT / ".venv-bench"
+# ``--processes`` copies of ours on one port: an experiment, the service runs one process.
+MULTI = "ours-mp"
+
+
+@dataclass
+class Server:
+    """A server under test: how to start it and what it answers."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    health: str
+    requests: dict[str, Request] = field(default_factory=dict)
+    startup_s: float = 60.0
+    unavailable: str | None = None
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(server: Server, port: int, log: Path) -> subprocess.Popen:
+    """Start and wait until its health URL answers 200 (or raise with the log's tail)."""
+    argv = [a.replace("{port}", str(port)) for a in server.argv]
+    env = {**os.environ, **server.env, "PYTHONPATH": str(ROOT)}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    deadline = time.monotonic() + server.startup_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{server.health}", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    stop_server(proc)
+    tail = log.read_text(errors="replace")[-600:]
+    raise RuntimeError(f"{server.name} did not become ready: {tail.strip()}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM its process group, then SIGKILL after 10 s."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+def reuseport_argv(processes: int, command: list[str]) -> list[str]:
+    """``command`` run as ``processes`` copies on one port (``{port}``), each with its own
+    SO_REUSEPORT socket passed as ``--fd`` (bench/apps/reuseport.py)."""
+    launcher = [PY, "bench/apps/reuseport.py", "--processes", str(processes)]
+    return [*launcher, "--host", "127.0.0.1", "--port", "{port}", "--", *command]
+
+
+def build_servers(
+    repo: Path, models: list[str], args: argparse.Namespace
+) -> tuple[list[Server], dict]:
+    """Every server to run and each model's sample input."""
+    options = [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "{port}",
+        "--log-level",
+        "warning",
+        "--workers",
+        str(args.workers),
+        "--no-access-log",
+    ]
+    inputs = {m: sample_input(repo / m / "1" / "model.onnx") for m in models}
+    servers: list[Server] = []
+    uvicorn = [PY, "-m", "uvicorn", *options]
+    # The ceiling runs on the same stack as ours: uvicorn with our HTTP protocol.
+    noop = Server("noop", [*uvicorn, "--http", HTTP_PROTOCOL, "bench.apps.noop:app"], {}, "/health")
+    # For reference: the same no-op on uvicorn's own protocol (two writes per response).
+    stock = Server("noop-stock", [*uvicorn, "bench.apps.noop:app"], {}, "/health")
+    for server in (noop, stock):
+        for m in models:
+            server.requests[f"{m}:binary"] = octet_stream("/noop", inputs[m][1].tobytes())
+        servers.append(server)
+    ours_env = {
+        "RELU_SERVE_MODEL_ROOT": str(repo),
+        "RELU_SERVE_LOG_LEVEL": "warning",
+        "RELU_SERVE_INTRA_OP_THREADS": str(args.threads),
+        "RELU_SERVE_MAX_QUEUE_LENGTH": "256",
+    }
+    for item in args.ours_env:
+        key, _, value = item.partition("=")
+        ours_env[key] = value
+    ours = Server("ours", [PY, "-m", "service", *options], ours_env, "/health/ready")
+    for m in models:
+        for kind, request in our_requests(m, *inputs[m]).items():
+            if args.quick and kind not in ("json-b64", "binary", "binary+stats"):
+                continue
+            ours.requests[f"{m}:{kind}"] = request
+    servers.append(ours)
+    if args.processes > 1:  # an experiment: the service runs one process (see reuseport.py)
+        command = [PY, "-m", "service", "--log-level", "warning", "--no-access-log"]
+        threads = str(max(1, args.threads // args.processes))
+        multi = Server(
+            MULTI,
+            reuseport_argv(args.processes, command),
+            {**ours_env, "RELU_SERVE_INTRA_OP_THREADS": threads},
+            "/health/ready",
+        )
+        for key, request in ours.requests.items():
+            if key.endswith((":binary", ":binary+stats")):
+                multi.requests[key] = request
+        servers.append(multi)
+    for m in models:
+        path = str(repo / m / "1" / "model.onnx")
+        x = inputs[m][1]
+        naive = Server(
+            "naive", [*uvicorn, "bench.apps.naive:app"], {"BENCH_MODEL": path}, "/health"
+        )
+        naive.requests[f"{m}:json-lists"] = Request(
+            "/predict",
+            {"Content-Type": "application/json"},
+            json.dumps({"data": x.tolist()}).encode(),
+        )
+        servers.append(naive)
+        # Issue 4's prototype (references for x raw): bare asyncio, and the same on uvicorn.
+        binary = octet_stream("/predict", x.tobytes())
+        bare = [PY, "bench/apps/prototype.py", path, "--port", "{port}"]
+        proto = Server("proto", bare, {}, "/health")
+        proto.requests[f"{m}:binary"] = binary
+        asgi = [*uvicorn, "--http", HTTP_PROTOCOL, "bench.apps.prototype:app"]
+        proto_asgi = Server("proto-asgi", asgi, {"BENCH_MODEL": path}, "/health")
+        proto_asgi.requests[f"{m}:binary"] = binary
+        servers += [proto, proto_asgi]
+        if args.quick or args.no_third_party:
+            continue
+        bench_py = BENCH_VENV / "bin" / "python"
+        missing = None
+        if not bench_py.is_file():
+            missing = f"{bench_py} missing: run bench/setup_third_party.sh"
+        lit = Server(
+            "litserve",
+            [str(bench_py), "bench/apps/litserve_app.py", path, "{port}"],
+            {},
+            "/health",
+            startup_s=90,
+            unavailable=missing,
+        )
+        lit.requests[f"{m}:json-b64"] = Request(
+            "/predict",
+            {"Content-Type": "application/json"},
+            json.dumps(
+                {"data": base64.b64encode(x[0].tobytes()).decode(), "shape": list(x.shape[1:])}
+            ).encode(),
+        )
+        servers.append(lit)
+        bento = Server(
+            "bentoml",
+            [
+                str(BENCH_VENV / "bin" / "bentoml"),
+                "serve",
+                "bench.apps.bentoml_service:Classifier",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "{port}",
+            ],
+            {"BENCH_MODEL": path, "BENTOML_HOME": str(Path(tempfile.gettempdir()) / "bentoml")},
+            "/readyz",
+            startup_s=120,
+            unavailable=missing,
+        )
+        bento.requests[f"{m}:json-lists"] = Request(
+            "/predict", {"Content-Type": "application/json"}, json.dumps({"x": x.tolist()}).encode()
+        )
+        servers.append(bento)
+    return servers, inputs
