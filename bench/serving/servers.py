@@ -42,6 +42,7 @@ class Server:
     requests: dict[str, Request] = field(default_factory=dict)
     startup_s: float = 60.0
     unavailable: str | None = None
+    tree: Path = ROOT  # the source tree it runs from (another checkout, for A/B runs)
 
 
 def free_port() -> int:
@@ -54,10 +55,15 @@ def free_port() -> int:
 def start_server(server: Server, port: int, log: Path) -> subprocess.Popen:
     """Start and wait until its health URL answers 200 (or raise with the log's tail)."""
     argv = [a.replace("{port}", str(port)) for a in server.argv]
-    env = {**os.environ, **server.env, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **server.env, "PYTHONPATH": str(server.tree)}
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            argv,
+            cwd=server.tree,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     deadline = time.monotonic() + server.startup_s
     while time.monotonic() < deadline:
