@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from fastapi import Request
@@ -18,8 +16,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.app import create_app
 from service.server.dispatch import DirectRoutes, ServiceApp, no_arguments
-from tests.service.conftest import reference_inputs
-from tests.service.http_helpers import image_bytes, make_settings
+from tests.service.http_helpers import make_settings
+from tests.service.server.corpus import CASES, MAX_BODY_BYTES, RAW, send
 
 
 class HandledError(Exception):
@@ -108,7 +106,7 @@ def test_only_post_endpoints_can_be_direct() -> None:
 @pytest.fixture(scope="module")
 def clients(model_repo: Path) -> Iterator[tuple[TestClient, TestClient]]:
     """The service as built, and the same service with the direct dispatch switched off."""
-    settings = make_settings(model_repo, max_body_bytes=64 * 1024)
+    settings = make_settings(model_repo, max_body_bytes=MAX_BODY_BYTES)
     hot_app = create_app(settings)
     plain_app = create_app(settings.model_copy(update={"direct_dispatch": False}))
     assert isinstance(hot_app, ServiceApp)
@@ -118,58 +116,11 @@ def clients(model_repo: Path) -> Iterator[tuple[TestClient, TestClient]]:
         yield hot, plain
 
 
-X = reference_inputs(2)
-RAW = {"content": X.tobytes(), "headers": {"Content-Type": "application/octet-stream"}}
-V2_INPUT = {"name": "input", "shape": list(X.shape), "datatype": "FP32", "data": X.ravel().tolist()}
-V2 = {"json": {"inputs": [V2_INPUT]}}
-CASES: dict[str, tuple[str, dict[str, Any]]] = {
-    "raw tensor": ("/v1/models/tiny/predict?shape=2,1,8,8&top_k=3", RAW),
-    "raw tensor, statistics": ("/v1/models/tiny/predict?shape=2,1,8,8&stats=channels", RAW),
-    "version": ("/v1/models/tiny/versions/1/predict?shape=2,1,8,8", RAW),
-    "base64 json": (
-        "/v1/models/tiny/predict",
-        {"json": {"tensor": {"shape": [2, 1, 8, 8], "data": base64.b64encode(RAW["content"])}}},
-    ),
-    "image upload": ("/v1/models/tiny/predict", {"files": {"file": ("a.png", image_bytes())}}),
-    "v2 infer": ("/v2/models/tiny/infer", V2),
-    "v2 infer, version": ("/v2/models/tiny/versions/2/infer", V2),
-    # errors: every one answered by the same handler, with the same body
-    "unknown model": ("/v1/models/nope/predict?shape=2,1,8,8", RAW),
-    "unknown version": ("/v2/models/tiny/versions/9/infer", V2),
-    "bad query": ("/v1/models/tiny/predict?top_k=zero", RAW),
-    "top_k under 1": ("/v1/models/tiny/predict?shape=2,1,8,8&top_k=0", RAW),
-    "empty top_k": ("/v1/models/tiny/predict?shape=2,1,8,8&top_k=", RAW),
-    "two bad parameters": ("/v1/models/tiny/predict?shape=2,1,8,8&top_k=-1&stats=all", RAW),
-    "repeated parameter": ("/v1/models/tiny/predict?shape=2,1,8,8&top_k=1&top_k=2", RAW),
-    "unknown parameter": ("/v1/models/tiny/predict?shape=2,1,8,8&colour=red", RAW),
-    "query statistics on images": (
-        "/v1/models/tiny/predict?stats=summary&top_k=2",
-        {"files": {"file": ("a.png", image_bytes())}},
-    ),
-    "wrong shape": ("/v1/models/tiny/predict?shape=1,1,8,16", RAW),
-    "no shape": ("/v1/models/tiny/predict", RAW),
-    "media type": (
-        "/v1/models/tiny/predict",
-        {"content": b"x", "headers": {"Content-Type": "text/plain"}},
-    ),
-    "not an image": ("/v1/models/tiny/predict", {"files": {"file": ("a.png", b"not a png")}}),
-    "malformed v2": ("/v2/models/tiny/infer", {"json": {"inputs": "no"}}),
-    "body too large": (
-        "/v1/models/tiny/predict?shape=1,1,8,8",
-        {"content": bytes(70 * 1024), "headers": {"Content-Type": "application/octet-stream"}},
-    ),
-}
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_the_hot_path_answers_as_fastapi_does(
     clients: tuple[TestClient, TestClient], case: str
 ) -> None:
-    path, kwargs = CASES[case]
-    if "json" in kwargs and "tensor" in kwargs["json"]:
-        tensor = kwargs["json"]["tensor"]
-        kwargs = {"json": {"tensor": {**tensor, "data": tensor["data"].decode()}}}
-    hot, plain = (client.post(path, **kwargs) for client in clients)
+    hot, plain = (send(client, case) for client in clients)
     assert hot.status_code == plain.status_code
     assert hot.headers == plain.headers  # all of them, content-length included
     assert hot.content == plain.content
@@ -186,9 +137,8 @@ def test_hot_requests_are_counted_under_their_route(
     clients: tuple[TestClient, TestClient],
 ) -> None:
     hot, _ = clients
-    path, kwargs = CASES["raw tensor"]
     before = _count(hot, "/v1/models/{name}/predict", "tiny", "2xx")
-    hot.post(path, **kwargs)
+    send(hot, "raw tensor")
     hot.post("/v1/models/nope/predict?shape=2,1,8,8", **RAW)  # an unknown model: no label
     assert _count(hot, "/v1/models/{name}/predict", "tiny", "2xx") == before + 1
     assert _count(hot, "/v1/models/{name}/predict", "", "4xx") >= 1

@@ -1,4 +1,5 @@
-"""The HTTP protocol of ``python -m service``: a response's writes leave in one system call."""
+"""The HTTP protocol of ``python -m service``: a response's writes leave in one system call,
+and the answers are uvicorn's own protocol's, byte for byte."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from service.__main__ import main
 from service.server.protocol import CoalescingTransport
 from tests.server_helpers import uvicorn_server
+from tests.service.server.corpus import CASES, MAX_BODY_BYTES, send
 
 
 class CountingTransport:
@@ -107,6 +110,9 @@ def test_the_launcher_puts_our_app_and_protocol_first(monkeypatch: pytest.Monkey
         "--http",
         "h11",
     ]
+    monkeypatch.setenv("RELU_SERVE_COALESCE_WRITES", "false")  # the switch: uvicorn's own
+    main(["--port", "9"])
+    assert seen["args"] == ["service.main:app", "--port", "9"]
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +151,32 @@ def test_a_real_server_answers_many_requests_on_one_connection(
     )
     assert len(body) == length
     assert b'"models"' in body
+
+
+@pytest.fixture(scope="module")
+def both_protocols(model_repo: Path) -> Iterator[tuple[httpx.Client, httpx.Client]]:
+    """Clients of two real servers: ours with coalesced writes, and uvicorn's own protocol."""
+    env = {"RELU_SERVE_MAX_BODY_BYTES": str(MAX_BODY_BYTES)}
+    stock = {**env, "RELU_SERVE_COALESCE_WRITES": "false"}
+    with (
+        uvicorn_server(model_repo, env=env) as (ours, _),
+        uvicorn_server(model_repo, env=stock) as (theirs, _),
+        httpx.Client(base_url=ours, timeout=30) as a,
+        httpx.Client(base_url=theirs, timeout=30) as b,
+    ):
+        yield a, b
+
+
+@pytest.mark.slow
+@pytest.mark.network
+@pytest.mark.parametrize("case", CASES)
+def test_coalesced_answers_are_uvicorns_own(
+    both_protocols: tuple[httpx.Client, httpx.Client], case: str
+) -> None:
+    ours, theirs = (send(client, case) for client in both_protocols)
+    assert ours.status_code == theirs.status_code
+    strip = {"date"}  # the only header that may differ: the second it was sent
+    assert {k: v for k, v in ours.headers.items() if k not in strip} == {
+        k: v for k, v in theirs.headers.items() if k not in strip
+    }
+    assert ours.content == theirs.content
