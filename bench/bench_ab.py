@@ -64,6 +64,7 @@ def variant(name: str, settings: list[str], tree: Path, repo: Path) -> Server:
     env = {
         "RELU_SERVE_MODEL_ROOT": str(repo),
         "RELU_SERVE_LOG_LEVEL": "warning",
+        "RELU_SERVE_MAX_QUEUE_LENGTH": "256",  # as bench/run.py: 64 clients never see a 503
         **dict(item.split("=", 1) for item in settings),
     }
     argv = [PY, "-m", "service", "--host", "127.0.0.1", "--port", "{port}", "--no-access-log"]

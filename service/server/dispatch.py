@@ -53,7 +53,12 @@ def query_model(param: str, model: type[BaseModel]) -> Arguments:
     ``Annotated[model, Query()]`` does: the same model, and its errors under ``("query", ...)``
     as a RequestValidationError (422 through the app's handler)."""
 
+    # No query string (most requests): the defaults, as FastAPI's validation of {} gives them.
+    defaults = {param: model.model_validate({})}
+
     def arguments(request: Request) -> Mapping[str, Any]:
+        if not request.scope["query_string"]:
+            return defaults
         try:
             return {param: model.model_validate(dict(request.query_params))}
         except ValidationError as exc:
