@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from starlette.middleware import Middleware
+
+if TYPE_CHECKING:
+    from fastapi.telemetry import TelemetryConfig
 
 from service.api.errors import BASE_EXCEPTION_HANDLERS, handle_model_input, handle_model_not_found
 from service.api.middleware import BodyLimitMiddleware, MetricsMiddleware
@@ -18,7 +22,13 @@ from service.core.metrics import ServiceMetrics
 from service.core.model_manager import ModelManager
 from service.core.repository import ModelNotFoundError
 from service.runtime.loaded_model import ModelInputError
-from service.server.dispatch import DirectRoutes, ServiceApp, no_arguments, query_model
+from service.server.dispatch import (
+    Arguments,
+    DirectRoutes,
+    ServiceApp,
+    no_arguments,
+    query_model,
+)
 from service.server.logs import configure_logging
 from service.server.shutdown import GracefulShutdown
 from service.settings import ServiceSettings, load_settings
@@ -35,8 +45,11 @@ TAGS = [
 GC_YOUNG_THRESHOLD = 20_000
 # The routes that carry the traffic, and how each reads its endpoint's arguments, for the
 # direct dispatch (service.server.dispatch, RELU_SERVE_DIRECT_DISPATCH).
-DIRECT_ENDPOINTS = {v1.predict: query_model("query", v1.PredictQuery), v2.infer: no_arguments}
-TELEMETRY_OFF = {"tracing": False, "metrics": False, "logs": False}
+DIRECT_ENDPOINTS: dict[Callable[..., Any], Arguments] = {
+    v1.predict: query_model("query", v1.PredictQuery),
+    v2.infer: no_arguments,
+}
+TELEMETRY_OFF: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
 
 
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:

@@ -9,7 +9,7 @@ Open Inference Protocol requires ``{"error": "<message>"}``. A client mistake is
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import orjson
@@ -147,12 +147,12 @@ def _message_of(exc: Exception) -> str:
     return str(exc)
 
 
-Handler = Callable[[Request, Exception], Any]
+Handler = Callable[[Request, Any], Coroutine[Any, Any, Response]]
 
 # The handlers of our own and the framework's errors; create_app adds the model layer's
 # (ModelNotFoundError -> handle_model_not_found, ModelInputError -> handle_model_input) and
 # registers the map once. Starlette picks the most specific class, so order does not matter.
-BASE_EXCEPTION_HANDLERS: dict[type[Exception], Handler] = {
+BASE_EXCEPTION_HANDLERS: dict[int | type[Exception], Handler] = {
     ServiceError: handle_service_error,
     RequestValidationError: handle_validation_error,
     StarletteHTTPException: handle_http_exception,

@@ -32,7 +32,6 @@ from starlette.requests import Request
 from service.core.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
 
 StatsLevel = Literal["none", "summary", "channels"]
-StatsLevel = Literal["none", "summary", "channels"]
 STATS_LEVELS: tuple[str, ...] = get_args(StatsLevel)
 FILE_FIELDS = ("file", "files")
 SHAPE_HEADER = "X-Tensor-Shape"
@@ -88,7 +87,12 @@ async def _read_multipart(request: Request, max_items: int) -> PredictBody:
             ) from None
         raise BadRequestError(f"malformed multipart body: {text}") from None
     try:
-        uploads = [item for key in FILE_FIELDS for item in form.getlist(key) if _is_upload(item)]
+        uploads = [
+            item
+            for key in FILE_FIELDS
+            for item in form.getlist(key)
+            if isinstance(item, UploadFile)
+        ]
         if not uploads:
             fields = sorted(set(form.keys()))
             raise BadRequestError(
@@ -105,10 +109,6 @@ async def _read_multipart(request: Request, max_items: int) -> PredictBody:
         )
     finally:
         await form.close()
-
-
-def _is_upload(item: Any) -> bool:
-    return isinstance(item, UploadFile)
 
 
 def _read_json(raw: bytes, max_items: int) -> PredictBody:

@@ -398,7 +398,7 @@ class _Repository(ModelRepository):
         self._model_providers = model_providers
         self._batch_sizes = batch_sizes
 
-    def providers_for(self, name: str) -> str | list[str]:
+    def providers_for(self, name: str) -> str | Sequence[str]:
         """The model's own providers when ``model_providers`` names it."""
         return self._model_providers.get(name, self.providers)
 

@@ -37,7 +37,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Request, Exception], Awaitable[Response]]
+# An exception handler as Starlette keeps them (the service's are all coroutines).
+Handler = Callable[[Request, Any], Any]
 # The keyword arguments an endpoint takes beside the request, read from the request the way
 # FastAPI would (for example ``query_model``).
 Arguments = Callable[[Request], Mapping[str, Any]]
@@ -108,7 +109,7 @@ class DirectRoutes:
 
     def _handler_for(self, exc: Exception) -> Handler | None:
         for cls in type(exc).__mro__:
-            handler = self.handlers.get(cls)
+            handler: Handler | None = self.handlers.get(cls)
             if handler is not None:
                 return handler
         return None
@@ -116,13 +117,14 @@ class DirectRoutes:
     async def _endpoint(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
         try:
-            endpoint = scope["endpoint"]
+            endpoint: Callable[..., Awaitable[Response]] = scope["endpoint"]
             response = await endpoint(request, **self.endpoints[endpoint](request))
         except Exception as exc:
             handler = self._handler_for(exc)
             if handler is None:
                 raise
-            if handler is self.handlers.get(Exception):  # a bug: log it as the server would
+            is_bug = handler is self.handlers.get(Exception)
+            if is_bug:  # log it with its traceback, as the server would
                 log.exception("unexpected error in %s %s", scope["method"], scope["path"])
             response = await handler(request, exc)
         await response(scope, receive, send)

@@ -33,14 +33,17 @@ class _Gauge(Protocol):
 
 
 class _Metrics(Protocol):
-    ready: _Gauge
+    @property
+    def ready(self) -> _Gauge: ...
 
 
 class Drainable(Protocol):
     """What the shutdown needs of the data plane: its readiness flag and gauge."""
 
     ready: bool
-    metrics: _Metrics
+
+    @property
+    def metrics(self) -> _Metrics: ...
 
 
 class GracefulShutdown:

@@ -238,8 +238,10 @@ async def reload_repository(manager: Manager) -> OrjsonResponse:
     status_code=201,
     response_model=VersionState,
     openapi_extra=UPLOAD_BODY,
-    responses={200: {"model": VersionState, "description": "Replaced"}}
-    | _errors(400, 409, 413, 415, 507),
+    responses={
+        200: {"model": VersionState, "description": "Replaced"},
+        **_errors(400, 409, 413, 415, 507),
+    },
 )
 async def upload_version(
     request: Request,

@@ -7,6 +7,7 @@ of them runs the plain session and pays nothing for them. Errors are ``{"error":
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from typing import Annotated, Any
@@ -37,8 +38,13 @@ router = APIRouter(
     responses=error_responses(400, 404, 503, v2=True),
 )
 # Health answers are the status code alone: 200 true, 4xx false, an empty body.
-EMPTY_TRUE = {200: {"description": "True (empty body)", "content": {}}}
-EMPTY_BOOLEAN = {**EMPTY_TRUE, 400: {"description": "False (empty body)", "content": {}}}
+EMPTY_TRUE: dict[int | str, dict[str, Any]] = {
+    200: {"description": "True (empty body)", "content": {}}
+}
+EMPTY_BOOLEAN: dict[int | str, dict[str, Any]] = {
+    **EMPTY_TRUE,
+    400: {"description": "False (empty body)", "content": {}},
+}
 Plane = Annotated[DataPlane, Depends(get_plane)]
 SERVER_NAME = "relu-serve"
 PROBABILITIES = "probabilities"
@@ -106,7 +112,9 @@ async def model_metadata(plane: Plane, name: str, version: str | None = None) ->
     """Inputs and outputs with datatypes and shapes (-1: variable), statistics outputs too."""
     model = plane.get_model(name, version)
     info = model.info()
-    versions = next((m["versions"] for m in plane.list_models() if m["name"] == name), [])
+    versions: list[str] = next(
+        (m["versions"] for m in plane.list_models() if m["name"] == name), []
+    )
     inputs = [tensor_metadata(info["input"]["name"], "FP32", list(info["input"]["shape"]))]
     outputs = [
         tensor_metadata(out_name, datatype, shape)
@@ -219,7 +227,9 @@ async def infer(request: Request) -> Response:
 
 def build_outputs(result: RunResult, names: list[str], output_name: str) -> dict[str, np.ndarray]:
     """The arrays of the requested outputs from one run's result."""
-    by_layer = {layer["name"]: layer for layer in (result.layer_stats or [])}
+    by_layer: dict[str, Mapping[str, Any]] = {
+        layer["name"]: layer for layer in (result.layer_stats or [])
+    }
     arrays: dict[str, np.ndarray] = {}
     for name in names:
         if name in (output_name, "logits"):
