@@ -12,11 +12,14 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails  # pydantic's own dependency; for the annotation only
 
 ENV_PREFIX = "RELU_SERVE_"
 # The repository's own models/ folder: the default model ships there (Triton's layout).
@@ -255,7 +258,7 @@ class ServiceSettings(BaseSettings):
 SECRET_FIELDS = frozenset({"management_api_key"})
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: ErrorDetails) -> str:
     """One line for one pydantic error, naming the environment variable and the bad value."""
     field = str(error["loc"][0]) if error["loc"] else "?"
     where = f"{ENV_PREFIX}{field.upper()} ({field})"

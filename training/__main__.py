@@ -100,7 +100,7 @@ def _run(args: argparse.Namespace) -> None:
         print(f"{args.dataset}: {folder}")
         return
     if args.command == "export":
-        result = export_checkpoint(
+        exported = export_checkpoint(
             args.checkpoint,
             root=args.model_root,
             name=args.export_name,
@@ -108,7 +108,7 @@ def _run(args: argparse.Namespace) -> None:
             overwrite=args.overwrite,
             quantize=args.quantize,
         )
-        _print_export(result)
+        _print_export(exported)
         return
     cfg = config_from_args(args)
     if args.command == "compare":
@@ -146,7 +146,7 @@ def _print_export(result: ExportResult) -> None:
         f"exported: {result.path} (held-out accuracy {result.accuracy:.4f}, "
         f"max |onnx - torch| {result.max_abs_diff:.1e})"
     )
-    if result.quantized_path is not None:
+    if result.quantized_path is not None and result.quantized_accuracy is not None:
         change = result.quantized_accuracy - result.accuracy
         print(
             f"int8: {result.quantized_path} (held-out accuracy {result.quantized_accuracy:.4f},"

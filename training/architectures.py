@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -88,7 +89,7 @@ def create_model(
     image_size: tuple[int, int] = (28, 28),
     batch_norm: bool = True,
     init: str = "he",
-    **kwargs,
+    **kwargs: Any,
 ) -> nn.Module:
     """Build a registered architecture with the given activation and initialisation."""
     if name not in _REGISTRY:
@@ -153,7 +154,15 @@ class SmallCNNConfig:
 class SmallCNN(nn.Module):
     """A small CNN for digit-sized images (8x8 up to 32x32)."""
 
-    def __init__(self, act, in_channels, num_classes, image_size, batch_norm, cfg: SmallCNNConfig):
+    def __init__(
+        self,
+        act: ActivationSpec,
+        in_channels: int,
+        num_classes: int,
+        image_size: tuple[int, int],
+        batch_norm: bool,
+        cfg: SmallCNNConfig,
+    ) -> None:
         super().__init__()
         c1, c2 = cfg.channels
         self.features = nn.Sequential(
@@ -177,11 +186,19 @@ class SmallCNN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))  # (N, num_classes)
+        logits: torch.Tensor = self.classifier(self.features(x))  # (N, num_classes)
+        return logits
 
 
 @register_model
-def small_cnn(act, in_channels, num_classes, image_size, batch_norm, **kwargs) -> nn.Module:
+def small_cnn(
+    act: ActivationSpec,
+    in_channels: int,
+    num_classes: int,
+    image_size: tuple[int, int],
+    batch_norm: bool,
+    **kwargs: Any,
+) -> nn.Module:
     """The default small CNN (about 0.1-0.5 M parameters, depending on the image size)."""
     cfg = SmallCNNConfig(**kwargs)
     return SmallCNN(act, in_channels, num_classes, image_size, batch_norm, cfg)
@@ -194,7 +211,9 @@ def small_cnn(act, in_channels, num_classes, image_size, batch_norm, **kwargs) -
 class VGGConfig:
     """Convolution widths, "M" for a 2x2 max-pool (Simonyan & Zisserman 2014, scaled down)."""
 
-    layers: list = field(default_factory=lambda: [32, 32, "M", 64, 64, "M", 128, 128, "M"])
+    layers: list[int | str] = field(
+        default_factory=lambda: [32, 32, "M", 64, 64, "M", 128, 128, "M"]
+    )
     hidden: int = 256
     dropout: float = 0.5
 
@@ -202,7 +221,15 @@ class VGGConfig:
 class VGG(nn.Module):
     """A VGG-style stack of 3x3 convolutions with a two-layer classifier."""
 
-    def __init__(self, act, in_channels, num_classes, image_size, batch_norm, cfg: VGGConfig):
+    def __init__(
+        self,
+        act: ActivationSpec,
+        in_channels: int,
+        num_classes: int,
+        image_size: tuple[int, int],
+        batch_norm: bool,
+        cfg: VGGConfig,
+    ) -> None:
         super().__init__()
         blocks: list[nn.Module] = []
         c_in, pools = in_channels, 0
@@ -226,11 +253,19 @@ class VGG(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        logits: torch.Tensor = self.classifier(self.features(x))
+        return logits
 
 
 @register_model
-def vgg(act, in_channels, num_classes, image_size, batch_norm, **kwargs) -> nn.Module:
+def vgg(
+    act: ActivationSpec,
+    in_channels: int,
+    num_classes: int,
+    image_size: tuple[int, int],
+    batch_norm: bool,
+    **kwargs: Any,
+) -> nn.Module:
     """VGG-style network; 32x32 inputs by default, three pools."""
     return VGG(act, in_channels, num_classes, image_size, batch_norm, VGGConfig(**kwargs))
 
@@ -260,7 +295,8 @@ class BasicBlock(nn.Module):
         identity = self.shortcut(x)  # first, so conv2 is the last layer before act2
         out = self.act1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.act2(out + identity)
+        result: torch.Tensor = self.act2(out + identity)
+        return result
 
 
 @dataclass
@@ -274,7 +310,15 @@ class ResNetConfig:
 class CifarResNet(nn.Module):
     """ResNet for 32x32 inputs: a stem, three stages, global average pooling."""
 
-    def __init__(self, act, in_channels, num_classes, image_size, batch_norm, cfg: ResNetConfig):
+    def __init__(
+        self,
+        act: ActivationSpec,
+        in_channels: int,
+        num_classes: int,
+        image_size: tuple[int, int],
+        batch_norm: bool,
+        cfg: ResNetConfig,
+    ) -> None:
         super().__init__()
         w1, w2, w3 = cfg.widths
         norm = nn.BatchNorm2d if batch_norm else nn.Identity
@@ -294,11 +338,19 @@ class CifarResNet(nn.Module):
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(w3, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.stages(self.stem(x)))
+        logits: torch.Tensor = self.head(self.stages(self.stem(x)))
+        return logits
 
 
 @register_model
-def resnet20(act, in_channels, num_classes, image_size, batch_norm, **kwargs) -> nn.Module:
+def resnet20(
+    act: ActivationSpec,
+    in_channels: int,
+    num_classes: int,
+    image_size: tuple[int, int],
+    batch_norm: bool,
+    **kwargs: Any,
+) -> nn.Module:
     """ResNet-20 for CIFAR-sized images: 19 activation layers."""
     return CifarResNet(
         act, in_channels, num_classes, image_size, batch_norm, ResNetConfig(**kwargs)

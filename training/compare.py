@@ -18,6 +18,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from matplotlib import colormaps
 from matplotlib.figure import Figure
@@ -144,7 +145,7 @@ def compare(
 
 def build_rows(runs: Sequence[ActivationRun], target_error: float) -> list[dict]:
     """One table row per run: accuracy, epochs to target, dead units, time, speed-up vs tanh."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for run in runs:
         accuracies = [r["val_accuracy"] for r in run.history if r.get("val_accuracy") is not None]
         layers = run.history[-1].get("layers", {}) if run.history else {}

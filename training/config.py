@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass
+from typing import cast
 
 from training.architectures import INITS, list_models
 from training.data import DATA_KINDS
@@ -57,7 +58,8 @@ class TrainConfig:
             raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(names)}")
         cfg = cls(**raw)
         if cfg.image_size is not None:
-            cfg.image_size = tuple(cfg.image_size)
+            # JSON gives a list: back to the tuple the field holds (data.py checks the values)
+            cfg.image_size = cast("tuple[int, int]", tuple(cfg.image_size))
         return cfg
 
 

@@ -12,6 +12,7 @@ import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ DATA_KINDS = ("digits", "idx", "folder", "cifar10")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 
 # IDX type codes (http://yann.lecun.com/exdb/mnist/, "THE IDX FILE FORMAT"), big-endian data.
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype(">u1"),
     0x09: np.dtype(">i1"),
     0x0B: np.dtype(">i2"),
@@ -211,9 +212,9 @@ def _read_idx_pair(root: Path, prefix: str, num_labels: int) -> tuple[np.ndarray
     """Images (N, H, W) uint8 and labels (N,) of `prefix` (train or t10k), validated."""
     images_path = _find_idx(root, f"{prefix}-images-idx3-ubyte")
     labels_path = _find_idx(root, f"{prefix}-labels-idx1-ubyte")
-    for found, name in ((images_path, "images-idx3-ubyte"), (labels_path, "labels-idx1-ubyte")):
-        if found is None:
-            raise DataError(f"IDX folder {root} has no {prefix}-{name} (or {prefix}-{name}.gz)")
+    if images_path is None or labels_path is None:
+        name = "images-idx3-ubyte" if images_path is None else "labels-idx1-ubyte"
+        raise DataError(f"IDX folder {root} has no {prefix}-{name} (or {prefix}-{name}.gz)")
     images = _read_idx_checked(images_path, _IDX_IMAGES_MAGIC)  # (N, H, W) uint8
     labels = _read_idx_checked(labels_path, _IDX_LABELS_MAGIC)  # (N,) uint8
     if len(images) != len(labels):
@@ -250,7 +251,8 @@ def _load_idx(root: Path, val_fraction: float, seed: int) -> DataBundle:
                 f"IDX folder {root}: t10k images are {test_images.shape[1:]}, "
                 f"train images {train_images.shape[1:]}"
             )
-        held_out = f"test files {has_test[0].name}, {has_test[1].name}"
+        # _read_idx_pair found both files (it raises naming the missing one)
+        held_out = "test files " + ", ".join(p.name for p in has_test if p is not None)
     else:
         train_idx, val_idx = _stratified_split(train_labels, val_fraction, seed, root)
         test_images, test_labels = train_images[val_idx], train_labels[val_idx]
@@ -306,7 +308,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("_codecs", "encode"),  # how Python 3 writes bytes at protocol 2
     }
 
-    def find_class(self, module: str, name: str):
+    def find_class(self, module: str, name: str) -> Any:
         """The global `module.name` if allowed, else UnpicklingError."""
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
@@ -493,8 +495,8 @@ def _read_images(files: Sequence[Path], channels: int, image_size: tuple[int, in
     mode = "L" if channels == 1 else "RGB"
     for i, file in enumerate(files):
         try:
-            with Image.open(file) as img:
-                img = img.convert(mode)
+            with Image.open(file) as opened:
+                img = opened.convert(mode)
                 if img.size != (width, height):
                     img = img.resize((width, height), Image.Resampling.BILINEAR)
                 out[i] = np.asarray(img).reshape(height, width, channels)

@@ -18,8 +18,12 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 from training.data import DataError
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +185,7 @@ def download_file(
     return final
 
 
-def _progress_bar(name: str, total: int | None, enabled: bool):
+def _progress_bar(name: str, total: int | None, enabled: bool) -> tqdm[NoReturn] | None:
     """A tqdm byte counter when enabled and the size is known, else None."""
     if not enabled or not total:
         return None

@@ -13,8 +13,10 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -169,7 +171,7 @@ def activation_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Ten
     return outputs
 
 
-def cpu_session(proto: onnx.ModelProto, extra_outputs: list[str] = ()) -> ort.InferenceSession:
+def cpu_session(proto: onnx.ModelProto, extra_outputs: Sequence[str] = ()) -> ort.InferenceSession:
     """An onnxruntime CPU session, optionally exposing intermediate tensors as outputs."""
     if extra_outputs:
         proto = onnx.ModelProto.FromString(proto.SerializeToString())
@@ -290,7 +292,7 @@ def set_metadata(proto: onnx.ModelProto, meta: ModelMetadata) -> None:
     )
 
 
-def image_background(x: torch.Tensor) -> str | None:
+def image_background(x: torch.Tensor) -> Literal["dark", "light"] | None:
     """ "dark" or "light" when the border pixels of the images (N, C, H, W) in [0, 1] agree."""
     border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1)
     level = border.mean().item()

@@ -8,7 +8,7 @@ file) and, when asked, ``training.quantize.quantize_export`` (its INT8 copy).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 from torch import nn
 
@@ -84,7 +84,8 @@ def export_trained(
         preprocessing=Preprocessing(
             height=h,
             width=w,
-            channels=bundle.channels,
+            # 1 or 3 (load_data converts to these); pydantic checks it at run time
+            channels=cast("Literal[1, 3]", bundle.channels),
             mean=mean,
             std=std,
             background=image_background(bundle.train_x),

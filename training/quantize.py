@@ -91,6 +91,8 @@ def quantize_export(
     path, _ = target_path(root, name, result.version, overwrite)
     int8_meta = meta.model_copy(deep=True)
     int8_meta.name, int8_meta.quantized = name, True
+    if meta.reference is None:  # export_model always measures one
+        raise ValueError(f"model {meta.name!r} has no reference profile to size the int8 one")
     int8_meta.reference = reference_from_onnx(int8, meta, x[: meta.reference.samples])
     int8_meta.training = {
         **meta.training,

@@ -319,7 +319,8 @@ def _read_optional_json(path: Path) -> dict:
     """A JSON object from a file that may be absent (a run still going has no summary)."""
     if not path.exists():
         return {}
-    return json.loads(path.read_text(encoding="utf-8"))
+    loaded: dict = json.loads(path.read_text(encoding="utf-8"))
+    return loaded
 
 
 def _marker(n_epochs: int) -> str | None:

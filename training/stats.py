@@ -9,6 +9,7 @@ outputs whose derivative is below 1% of its peak.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -76,11 +77,14 @@ class LayerAccumulator:
 
     def __init__(self, name: str, kind: str):
         self.name, self.kind = name, kind
-        self.active = self.count = self.saturated = None
+        # (C,) counts, sized by the first batch
+        self.active: torch.Tensor | None = None
+        self.saturated: torch.Tensor | None = None
+        self.count = 0  # elements per channel seen
         self.total = self.total_sq = 0.0
         self.minimum, self.maximum = float("inf"), float("-inf")
 
-    def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
+    def __call__(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
         """Forward hook: add the layer's output."""
         self.update(output)
 
@@ -90,10 +94,8 @@ class LayerAccumulator:
         dims = [d for d in range(y.dim()) if d != 1]
         active = (y > 0).sum(dim=dims)  # (C,)
         count = y.numel() // y.shape[1]
-        if self.active is None:
-            self.active = torch.zeros_like(active)
-            self.saturated = torch.zeros_like(active)
-            self.count = 0
+        if self.active is None or self.saturated is None:
+            self.active, self.saturated = torch.zeros_like(active), torch.zeros_like(active)
         self.active += active
         self.count += count
         if self.kind in SATURATING_KINDS:
@@ -104,6 +106,8 @@ class LayerAccumulator:
         self.maximum = max(self.maximum, y.max().item())
 
     def result(self) -> LayerStats:
+        if self.active is None or self.saturated is None:
+            raise ValueError(f"layer {self.name!r}: no batch observed")
         channels = self.active.numel()
         n = self.count * channels
         activity = (self.active.double() / self.count).tolist()

@@ -13,14 +13,17 @@ import math
 import os
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from training.architectures import ActivationSpec, count_parameters, create_model
 from training.config import OPTIMIZERS, SCHEDULES, TrainConfig
@@ -129,7 +132,9 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     return opt(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
+def make_scheduler(
+    cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
+) -> LRScheduler | None:
     """A per-step learning-rate schedule (None for a constant rate)."""
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
@@ -142,7 +147,7 @@ def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler,
+    scheduler: LRScheduler | None,
     x: torch.Tensor,
     y: torch.Tensor,
     *,
@@ -202,7 +207,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return {"val_loss": loss / len(x), "val_accuracy": correct / len(x)}
 
 
-def _progress(iterable, enabled: bool, desc: str):
+def _progress(iterable: Iterable[int], enabled: bool, desc: str) -> Iterable[int]:
     if not enabled:
         return iterable
     from tqdm import tqdm
@@ -223,7 +228,8 @@ def load_checkpoint(path: str | Path) -> dict:
         path = path / CHECKPOINT
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    state: dict = torch.load(path, map_location="cpu", weights_only=False)
+    return state
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -295,7 +301,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     elapsed = history[-1]["elapsed_s"] if history else 0.0
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
-        record = {"epoch": epoch}
+        record: dict[str, Any] = {"epoch": epoch}
         record.update(
             train_one_epoch(
                 net,
@@ -337,7 +343,15 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     return _finish(cfg, run_dir, model, bundle, history)
 
 
-def _checkpoint(cfg, model, optimizer, scheduler, epoch, history, bundle) -> dict:
+def _checkpoint(
+    cfg: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler | None,
+    epoch: int,
+    history: list[dict],
+    bundle: DataBundle,
+) -> dict:
     mean, std = bundle.mean_std()
     return {
         "config": cfg.to_dict(),
@@ -366,7 +380,13 @@ def _write_history(run_dir: Path, history: list[dict]) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def _finish(cfg, run_dir, model, bundle, history) -> TrainResult:
+def _finish(
+    cfg: TrainConfig,
+    run_dir: Path | None,
+    model: nn.Module,
+    bundle: DataBundle,
+    history: list[dict],
+) -> TrainResult:
     accuracies = [r["val_accuracy"] for r in history if "val_accuracy" in r]
     target = None
     if cfg.target_error is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -178,11 +179,12 @@ def default_preprocessing(model: str, input_shape: Sequence[object]) -> Preproce
             f"input shape {dims} is not (N, 1 or 3, H, W); send a tensor instead",
             code="tensor_input_only",
         )
-    channels, height, width = (int(d) for d in dims[1:])  # type: ignore[call-overload]
+    channels: Literal[1, 3] = 1 if fixed[0] == 1 else 3
+    height, width = (int(d) for d in fixed[1:])
     return Preprocessing(
         height=height,
         width=width,
-        channels=channels,  # type: ignore[arg-type]
+        channels=channels,
         mean=[0.0] * channels,
         std=[1.0] * channels,
     )

@@ -31,8 +31,13 @@ DEFAULT_DRIFT_THRESHOLD = 0.1
 
 
 class _Layer(Protocol):
-    name: str
-    channels: int
+    """What the monitor reads of a layer (read-only, so frozen dataclasses fit)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def channels(self) -> int: ...
 
 
 class _Ring:
@@ -114,9 +119,10 @@ class ActivationMonitor:
         ):
             rows = per_sample_active.array  # already packed in our column order
         else:
-            rows = self._pack(per_sample_active)
-            if rows is None:
+            packed = self._pack(per_sample_active)
+            if packed is None:
                 return
+            rows = packed
         with self._lock:
             self._ring.push(rows)
 

@@ -60,7 +60,7 @@ class ModelNotFoundError(LookupError):
         super().__init__(message)
 
     def __str__(self) -> str:  # LookupError would quote the message like a key
-        return self.args[0]
+        return str(self.args[0])
 
 
 def _version_key(version: str) -> int:
@@ -103,11 +103,12 @@ class _State:
     def defaults(self) -> dict[str, str]:
         """Model name -> default version, worked out once per state (states are replaced,
         never changed, so every request naming no version need not sort versions)."""
-        defaults = {}
+        defaults: dict[str, str] = {}
         for name, versions in self.models.items():
             pinned = self.pinned.get(name)
-            use_pinned = pinned is not None and pinned in versions
-            defaults[name] = pinned if use_pinned else max(versions, key=_version_key)
+            if pinned is None or pinned not in versions:  # none pinned, or not loaded
+                pinned = max(versions, key=_version_key)
+            defaults[name] = pinned
         return defaults
 
 
@@ -451,8 +452,8 @@ class ModelRepository:
                     continue
                 plan.table.setdefault(name, {})[version] = loaded
                 plan.changes["loaded"].append(f"{name}/{version}")
-        for name, versions in state.models.items():
-            for version, model in versions.items():
+        for name, loaded_versions in state.models.items():
+            for version, model in loaded_versions.items():
                 if version not in plan.table.get(name, {}):  # gone from disk
                     plan.changes["unloaded"].append(f"{name}/{version}")
                     plan.removed.append(model)

@@ -141,7 +141,7 @@ def find_activation_nodes(
     shapes = infer_tensor_shapes(model)
     producers = {out: node for node in graph.node for out in node.output}
     if declared is not None:
-        layers = []
+        layers: list[ActivationNode] = []
         for layer in declared:
             node = producers.get(layer.tensor)
             if node is None:
@@ -151,13 +151,13 @@ def find_activation_nodes(
                 )
             shape = shapes.get(layer.tensor)
             rank = len(shape) if shape else 4
-            found = shape[1] if shape and len(shape) >= 2 else None
-            if isinstance(found, int) and found != layer.channels:
+            in_graph = shape[1] if shape and len(shape) >= 2 else None
+            if isinstance(in_graph, int) and in_graph != layer.channels:
                 # The packed statistics are laid out by channel count: a wrong count would
                 # shift every later layer's columns.
                 raise ValueError(
                     f"metadata says layer {layer.name!r} has {layer.channels} channels, "
-                    f"the graph's tensor {layer.tensor!r} has {found}"
+                    f"the graph's tensor {layer.tensor!r} has {in_graph}"
                 )
             layers.append(
                 ActivationNode(
@@ -181,8 +181,8 @@ def find_activation_nodes(
         tensor = node.output[0]
         if tensor in graph_outputs:
             continue  # a sigmoid producing the model's output is the head, not a hidden layer
-        shape = shapes.get(tensor)
-        channels = shape[1] if shape and len(shape) >= 2 else None
+        shape = shapes.get(tensor) or []
+        channels = shape[1] if len(shape) >= 2 else None
         if not isinstance(channels, int) or channels <= 0:
             log.warning(
                 "activation %s (%s): channel count unknown; not observed", tensor, node.op_type

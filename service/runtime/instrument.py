@@ -64,6 +64,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -177,7 +178,7 @@ class _GraphBuilder:
             self.graph.initializer.append(numpy_helper.from_array(array, self.constants[name]))
         return self.constants[name]
 
-    def node(self, op: str, inputs: list[str], output: str, **attrs) -> str:
+    def node(self, op: str, inputs: list[str], output: str, **attrs: Any) -> str:
         output = self._fresh(output)
         self.graph.node.append(helper.make_node(op, inputs, [output], name=output, **attrs))
         return output

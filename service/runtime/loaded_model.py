@@ -18,7 +18,7 @@ import logging
 import math
 import tempfile
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -53,7 +53,7 @@ StatsMode = Literal["none", "summary", "channels"]
 STATS_MODES: tuple[str, ...] = ("none", "summary", "channels")
 
 # ONNX tensor element types -> numpy dtypes, for the input check.
-_ORT_DTYPES = {
+_ORT_DTYPES: dict[str, np.dtype] = {
     "tensor(float)": np.dtype(np.float32),
     "tensor(float16)": np.dtype(np.float16),
     "tensor(double)": np.dtype(np.float64),
@@ -231,7 +231,7 @@ class LoadedModel:
         stats_error: str | None,
         providers: ProviderChoice,
         sha256: str,
-        session_factory,
+        session_factory: Callable[[onnx.ModelProto | Path], ort.InferenceSession],
         shared_values: dict[str, ort.OrtValue],
         macs: int | None = None,
         run_size: int | None = None,
@@ -342,7 +342,7 @@ class LoadedModel:
         labels = list(metadata.labels) if metadata else None
         if labels is None and num_classes:
             labels = [str(i) for i in range(num_classes)]
-        if metadata and num_classes and len(labels) != num_classes:
+        if metadata and num_classes and labels is not None and len(labels) != num_classes:
             raise ModelLoadError(
                 path, f"metadata has {len(labels)} labels, the model outputs {num_classes} classes"
             )
@@ -510,6 +510,7 @@ class LoadedModel:
         if stats == "none" or not self.layers:
             values = self.plain_session.run([self.output_name], feeds)
         else:
+            assert self.stats_session is not None  # checked on entry: stats != "none"
             values = self.stats_session.run([self.output_name, *self._stat_fetches], feeds)
         return values if x.shape[0] == n else [v[:n] for v in values]
 
