@@ -216,7 +216,7 @@ def fake_training(monkeypatch: pytest.MonkeyPatch) -> list[TrainConfig]:
             train_time_s=history[-1]["elapsed_s"],
         )
 
-    monkeypatch.setattr("training.train.run_training", run_training)
+    monkeypatch.setattr("training.compare.run_training", run_training)
     return seen
 
 
