@@ -14,7 +14,9 @@ way to run the service.
 
 from __future__ import annotations
 
+import signal
 import sys
+from types import FrameType
 
 import uvicorn.main
 
@@ -31,7 +33,18 @@ def main(argv: list[str] | None = None) -> None:
     if "--help" in args:
         sys.stdout.write(__doc__.replace("``", "`").strip() + "\n\n")
     protocol = ["--http", HTTP_PROTOCOL] if load_settings().coalesce_writes else []
-    uvicorn.main.main([APP, *protocol, *args], prog_name="python -m service")
+    previous = signal.signal(signal.SIGTERM, _exit_cleanly)
+    try:
+        uvicorn.main.main([APP, *protocol, *args], prog_name="python -m service")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM outside uvicorn's own handler: before it takes the signal over, and when it
+    raises the signal again after a graceful shutdown. A requested stop is a success
+    (gunicorn counts it so too): status 0, where uvicorn alone dies by the signal (143)."""
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":

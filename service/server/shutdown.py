@@ -9,10 +9,11 @@ pod-lifecycle/#pod-termination). So, on SIGTERM:
 1. readiness turns false at once: ``/health/ready`` and ``/v2/health/ready`` answer 503;
 2. the server keeps serving for ``shutdown_delay_s`` (``RELU_SERVE_SHUTDOWN_DELAY_S``), long
    enough for load balancers to see the 503 or the endpoint removal;
-3. then the signal goes to uvicorn, which stops accepting, lets requests in flight finish
-   (``--timeout-graceful-shutdown``), runs the lifespan shutdown (the data plane drains its
-   workers) and exits with status 0: a requested, clean stop is a success (gunicorn does the
-   same), where uvicorn alone would re-raise SIGTERM and die by it (status 143).
+3. then the signal goes to uvicorn's own handler, which stops accepting, lets requests in
+   flight finish (``--timeout-graceful-shutdown``), runs the lifespan shutdown (the data
+   plane drains its workers) and raises SIGTERM again; ``python -m service`` answers that
+   with status 0 (a requested, clean stop is a success, as gunicorn counts it), where plain
+   ``uvicorn`` dies by the signal (status 143).
 
 A second SIGTERM during the delay skips the rest of it. SIGINT (Ctrl+C) is left to uvicorn.
 """
@@ -103,10 +104,6 @@ class GracefulShutdown:
         self._timer.start()
 
     def _stop_server(self, signum: int, frame: FrameType | None) -> None:
-        """Ask the server to stop: uvicorn's ``Server.should_exit`` directly (a clean exit,
-        status 0), or any other server's handler as it is."""
-        server = getattr(self._original, "__self__", None)
-        if server is not None and hasattr(server, "should_exit"):
-            server.should_exit = True
-        else:
-            self._original(signum, frame)
+        """Hand the signal to the server's own handler: uvicorn stops, drains and, once shut
+        down, raises the signal again (``python -m service`` turns that into status 0)."""
+        self._original(signum, frame)
