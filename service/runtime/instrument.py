@@ -1,11 +1,10 @@
 """Activation statistics computed inside the ONNX graph, next to the activations.
 
-``find_activation_nodes`` lists a graph's activation layers (ours from the metadata, a foreign
-model's from its nodes); ``instrument_model`` returns a copy of the model with a few reduction
-nodes after each activation output Y, giving per sample and per channel values, packed into
-one extra graph output per statistic, ``stats/<stat>`` of shape (N, sum of C) with the
-columns ``StatsLayout`` gives. ``summarize_layers`` aggregates those small arrays over the
-batch in numpy. Nothing here imports torch.
+``instrument_model`` returns a copy of the model with a few reduction nodes after each
+activation output Y of the layers ``service.runtime.activations`` found, giving per sample and
+per channel values, packed into the one extra graph output ``stats/packed`` of shape
+(N, sum of C) with the columns ``StatsLayout`` gives; ``service.runtime.summaries`` aggregates
+those small arrays per request in numpy. Nothing here imports torch.
 
 Why these formulations (measured with onnxruntime 1.32 on this 2-core AVX-512 machine, see
 ``bench/bench_stats_overhead.py``): onnxruntime's NCHWc transformer keeps convolution outputs

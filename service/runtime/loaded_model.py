@@ -209,6 +209,138 @@ def _output_kind(graph: onnx.GraphProto, output: str) -> str:
     return "logits"
 
 
+def _read_onnx(path: Path) -> tuple[onnx.ModelProto, str]:
+    """The checked model, external weights loaded, and the SHA-256 of the file."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(path, f"cannot read the file ({exc.strerror or exc})") from exc
+    try:
+        model = onnx.load_from_string(data)
+        if model.graph.initializer and any(
+            i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer
+        ):
+            onnx.load_external_data_for_model(model, str(path.parent))
+        onnx.checker.check_model(model)
+    except Exception as exc:  # protobuf DecodeError, ValidationError, missing external data
+        raise ModelLoadError(path, f"not a valid ONNX model ({exc})") from exc
+    return model, hashlib.sha256(data).hexdigest()
+
+
+def _check_interface(
+    path: Path,
+    model: onnx.ModelProto,
+    metadata: ModelMetadata | None,
+    shapes: Mapping[str, list[int | str | None]],
+) -> tuple[onnx.ValueInfoProto, str, list[str] | None]:
+    """The graph's one input, the output the service reads and the labels, checked against
+    the metadata when there is some (foreign models: the first output, labels "0".."K-1")."""
+    graph = model.graph
+    inputs = _real_inputs(graph)
+    if len(inputs) != 1:
+        raise ModelLoadError(
+            path, f"expected one input tensor, found {len(inputs)}: {[i.name for i in inputs]}"
+        )
+    input_info = inputs[0]
+    output_names = [o.name for o in graph.output]
+    output_name = metadata.output_name if metadata else output_names[0]
+    if metadata and metadata.input_name != input_info.name:
+        raise ModelLoadError(
+            path, f"metadata input_name {metadata.input_name!r} is not the graph's input "
+            f"{input_info.name!r}",
+        )  # fmt: skip
+    if output_name not in output_names:
+        raise ModelLoadError(
+            path, f"metadata output_name {output_name!r} is not a graph output {output_names}"
+        )
+    out_shape = shapes.get(output_name) or _dims(graph.output[output_names.index(output_name)])
+    num_classes = out_shape[1] if len(out_shape) == 2 and isinstance(out_shape[1], int) else None
+    labels = list(metadata.labels) if metadata else None
+    if labels is None and num_classes:
+        labels = [str(i) for i in range(num_classes)]
+    if metadata and num_classes and labels is not None and len(labels) != num_classes:
+        raise ModelLoadError(
+            path, f"metadata has {len(labels)} labels, the model outputs {num_classes} classes"
+        )
+    return input_info, output_name, labels
+
+
+def _open_sessions(
+    path: Path,
+    model: onnx.ModelProto,
+    layers: list[ActivationNode],
+    requested: ProviderChoice,
+    *,
+    threads: int | None,
+    share_weights: bool,
+    label: str,
+) -> tuple[Sessions, ProviderChoice]:
+    """The plain session (from the file as is) and the statistics session (the instrumented
+    graph; none, with the reason, when onnxruntime refuses it), and the providers in use.
+
+    ``share_weights`` hands both sessions the same weight buffers
+    (``SessionOptions.add_initializer``) and turns off onnxruntime's weight prepacking, which
+    otherwise copies every prepacked weight into each session anyway. Measured on a model
+    with 65 MiB of dense weights: both sessions take 10 MiB instead of 141 MiB (plus the
+    65 MiB shared once), but dense layers run 7-20% slower without prepacking; convolutions
+    are unaffected (their NCHWc copies are per session either way).
+    """
+    in_use = requested  # until the plain session shows what onnxruntime really gave
+    shared: dict[str, ort.OrtValue] = {}
+    if share_weights:
+        for init in model.graph.initializer:
+            if init.data_type == onnx.TensorProto.FLOAT:
+                arr = np.ascontiguousarray(numpy_helper.to_array(init))
+                if arr.nbytes >= _SHARE_MIN_BYTES:
+                    # ortvalue_from_numpy wraps the array's memory; the OrtValue keeps it alive.
+                    shared[init.name] = ort.OrtValue.ortvalue_from_numpy(arr)
+
+    def make_session(source: onnx.ModelProto | Path) -> ort.InferenceSession:
+        options = session_options(threads)
+        if shared:
+            options.add_session_config_entry("session.disable_prepacking", "1")
+            for init_name, value in shared.items():
+                options.add_initializer(init_name, value)
+        return _create_session(source, options, list(in_use.used))
+
+    try:
+        plain = make_session(path)  # the file as is: the plain session is the export
+    except Exception as exc:  # onnxruntime's Fail / InvalidGraph / NotImplemented
+        raise ModelLoadError(path, f"onnxruntime cannot create a session ({exc})") from exc
+    in_use = providers_in_use(plain, requested)  # later sessions: no second fall-back
+    stats, stats_error = None, None
+    try:
+        stats = make_session(instrument_model(model, layers))
+    except Exception as exc:  # a foreign graph our nodes do not fit: serve without stats
+        stats_error = f"statistics unavailable: instrumenting the graph failed ({exc})"
+        log.error("%s: %s", label, stats_error)
+    return Sessions(plain, stats, stats_error, make_session, shared), in_use
+
+
+@dataclass(frozen=True)
+class ModelSignature:
+    """What a model version takes and gives: its one input, and the output the service reads."""
+
+    input_name: str
+    input_shape: list[int | None]  # None: a dynamic dimension
+    input_dtype: np.dtype
+    output_name: str
+    output_kind: str  # "logits", "probabilities" or "log_probabilities"
+    labels: list[str] | None
+
+
+@dataclass
+class Sessions:
+    """A model version's onnxruntime sessions, and how to make another one with the same
+    options, providers and shared weights."""
+
+    plain: ort.InferenceSession  # the file as exported
+    stats: ort.InferenceSession | None  # the instrumented graph; None when it failed
+    stats_error: str | None  # why there is no statistics session
+    make: Callable[[onnx.ModelProto | Path], ort.InferenceSession]
+    shared_values: dict[str, ort.OrtValue]  # weights both use: must outlive the sessions
+
+
 class LoadedModel:
     """One model version ready to run; build it with ``LoadedModel.load``."""
 
@@ -218,42 +350,34 @@ class LoadedModel:
         name: str,
         version: str,
         path: Path,
-        metadata: ModelMetadata | None,
-        input_name: str,
-        input_shape: list[int | None],
-        input_dtype: np.dtype,
-        output_name: str,
-        output_kind: str,
-        labels: list[str] | None,
-        layers: list[ActivationNode],
-        plain_session: ort.InferenceSession,
-        stats_session: ort.InferenceSession | None,
-        stats_error: str | None,
-        providers: ProviderChoice,
         sha256: str,
-        session_factory: Callable[[onnx.ModelProto | Path], ort.InferenceSession],
-        shared_values: dict[str, ort.OrtValue],
+        metadata: ModelMetadata | None,
+        signature: ModelSignature,
+        layers: list[ActivationNode],
+        sessions: Sessions,
+        providers: ProviderChoice,
         macs: int | None = None,
         run_size: int | None = None,
     ):
         self.name = name
         self.version = version
         self.path = path
-        self.metadata = metadata
-        self.input_name = input_name
-        self.input_shape = input_shape
-        self.input_dtype = input_dtype
-        self.output_name = output_name
-        self.output_kind = output_kind
-        self.labels = labels
-        self.layers = layers
-        self.plain_session = plain_session
-        self.stats_session = stats_session
-        self.stats_error = stats_error
-        self.providers = providers
         self.sha256 = sha256
-        self._session_factory = session_factory
-        self._shared_values = shared_values  # must outlive the sessions that use them
+        self.metadata = metadata
+        self.signature = signature
+        # Read on every request: plain attributes.
+        self.input_name = signature.input_name
+        self.input_shape = signature.input_shape
+        self.input_dtype = signature.input_dtype
+        self.output_name = signature.output_name
+        self.output_kind = signature.output_kind
+        self.labels = signature.labels
+        self.layers = layers
+        self.sessions = sessions
+        self.plain_session = sessions.plain
+        self.stats_session = sessions.stats
+        self.stats_error = sessions.stats_error
+        self.providers = providers
         self._raw_session: ort.InferenceSession | None = None
         self._lock = threading.Lock()
         self.layout = StatsLayout.of(layers)
@@ -284,135 +408,56 @@ class LoadedModel:
 
         On a provider other than the CPU, every run of fewer than ``gpu_batch`` samples is
         padded to ``gpu_batch`` (see the note on GPU runs at the top of this module); give the
-        batcher's largest batch.
-
-        ``share_weights`` hands both sessions the same weight buffers
-        (``SessionOptions.add_initializer``) and turns off onnxruntime's weight prepacking,
-        which otherwise copies every prepacked weight into each session anyway. Measured on a
-        model with 65 MiB of dense weights: both sessions take 10 MiB instead of 141 MiB
-        (plus the 65 MiB shared once), but dense layers run 7-20% slower without prepacking;
-        convolutions are unaffected (their NCHWc copies are per session either way).
+        batcher's largest batch. ``share_weights``: see ``_open_sessions``.
         """
         path = Path(path)
+        model, sha256 = _read_onnx(path)
         try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ModelLoadError(path, f"cannot read the file ({exc.strerror or exc})") from exc
-        try:
-            model = onnx.load_from_string(data)
-            if model.graph.initializer and any(
-                i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer
-            ):
-                onnx.load_external_data_for_model(model, str(path.parent))
-            onnx.checker.check_model(model)
-        except Exception as exc:  # protobuf DecodeError, ValidationError, missing external data
-            raise ModelLoadError(path, f"not a valid ONNX model ({exc})") from exc
-        sha256 = hashlib.sha256(data).hexdigest()
-        del data
-
-        props = {p.key: p.value for p in model.metadata_props}
-        try:
-            metadata = ModelMetadata.from_props(props)
+            metadata = ModelMetadata.from_props({p.key: p.value for p in model.metadata_props})
         except (ValidationError, ValueError) as exc:
             raise ModelLoadError(path, f"invalid relu_serve metadata ({exc})") from exc
-
-        graph = model.graph
-        inputs = _real_inputs(graph)
-        if len(inputs) != 1:
-            raise ModelLoadError(
-                path, f"expected one input tensor, found {len(inputs)}: {[i.name for i in inputs]}"
-            )
-        input_info = inputs[0]
-        output_names = [o.name for o in graph.output]
-        output_name = metadata.output_name if metadata else output_names[0]
-        if metadata and metadata.input_name != input_info.name:
-            raise ModelLoadError(
-                path, f"metadata input_name {metadata.input_name!r} is not the graph's input "
-                f"{input_info.name!r}",
-            )  # fmt: skip
-        if output_name not in output_names:
-            raise ModelLoadError(
-                path, f"metadata output_name {output_name!r} is not a graph output {output_names}"
-            )
         shapes = infer_tensor_shapes(model)
-        out_shape = shapes.get(output_name) or _dims(graph.output[output_names.index(output_name)])
-        num_classes = (
-            out_shape[1] if len(out_shape) == 2 and isinstance(out_shape[1], int) else None
-        )
-        labels = list(metadata.labels) if metadata else None
-        if labels is None and num_classes:
-            labels = [str(i) for i in range(num_classes)]
-        if metadata and num_classes and labels is not None and len(labels) != num_classes:
-            raise ModelLoadError(
-                path, f"metadata has {len(labels)} labels, the model outputs {num_classes} classes"
-            )
+        input_info, output_name, labels = _check_interface(path, model, metadata, shapes)
         try:
             layers = find_activation_nodes(model, metadata.activations if metadata else None)
         except ValueError as exc:
             raise ModelLoadError(path, str(exc)) from exc
-
         macs = multiply_accumulates(model, shapes)
-        if _is_small(macs):
-            threads = 1  # see SMALL_MODEL_MACS
-        choice = resolve_providers(providers, strict=strict)
-        shared: dict[str, ort.OrtValue] = {}
-        if share_weights:
-            for init in graph.initializer:
-                if init.data_type == onnx.TensorProto.FLOAT:
-                    arr = np.ascontiguousarray(numpy_helper.to_array(init))
-                    if arr.nbytes >= _SHARE_MIN_BYTES:
-                        # ortvalue_from_numpy wraps the array's memory; the OrtValue keeps it alive.
-                        shared[init.name] = ort.OrtValue.ortvalue_from_numpy(arr)
-
-        def make_session(source: onnx.ModelProto | Path) -> ort.InferenceSession:
-            options = session_options(threads)
-            if shared:
-                options.add_session_config_entry("session.disable_prepacking", "1")
-                for init_name, value in shared.items():
-                    options.add_initializer(init_name, value)
-            return _create_session(source, options, list(choice.used))
-
-        try:
-            plain = make_session(path)  # the file as is: the plain session is the export
-        except Exception as exc:  # onnxruntime's Fail / InvalidGraph / NotImplemented
-            raise ModelLoadError(path, f"onnxruntime cannot create a session ({exc})") from exc
-        choice = providers_in_use(plain, choice)
-        stats_session, stats_error = None, None
-        try:
-            stats_session = make_session(instrument_model(model, layers))
-        except Exception as exc:  # a foreign graph our nodes do not fit: serve without stats
-            stats_error = f"statistics unavailable: instrumenting the graph failed ({exc})"
-            log.error("model %s version %s: %s", name, version, stats_error)
-
+        sessions, choice = _open_sessions(
+            path,
+            model,
+            layers,
+            resolve_providers(providers, strict=strict),
+            threads=1 if _is_small(macs) else threads,  # see SMALL_MODEL_MACS
+            share_weights=share_weights,
+            label=f"model {name} version {version}",
+        )
         input_shape = _dims(input_info)
         dynamic_batch = not input_shape or input_shape[0] is None
-        run_size = gpu_batch if choice.used[0] != CPU and dynamic_batch else None
-        input_type = input_info.type.tensor_type
-        dtype = _ORT_DTYPES.get(
-            plain.get_inputs()[0].type,
-            np.dtype(helper.tensor_dtype_to_np_dtype(input_type.elem_type)),
+        elem_type = input_info.type.tensor_type.elem_type
+        signature = ModelSignature(
+            input_name=input_info.name,
+            input_shape=input_shape,
+            input_dtype=_ORT_DTYPES.get(
+                sessions.plain.get_inputs()[0].type,
+                np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)),
+            ),
+            output_name=output_name,
+            output_kind=_output_kind(model.graph, output_name),
+            labels=labels,
         )
         return cls(
             name=name,
             version=str(version),
             path=path,
-            metadata=metadata,
-            input_name=input_info.name,
-            input_shape=input_shape,
-            input_dtype=dtype,
-            output_name=output_name,
-            output_kind=_output_kind(graph, output_name),
-            labels=labels,
-            layers=layers,
-            plain_session=plain,
-            stats_session=stats_session,
-            stats_error=stats_error,
-            providers=choice,
             sha256=sha256,
-            session_factory=make_session,
-            shared_values=shared,
+            metadata=metadata,
+            signature=signature,
+            layers=layers,
+            sessions=sessions,
+            providers=choice,
             macs=macs,
-            run_size=run_size,
+            run_size=gpu_batch if choice.used[0] != CPU and dynamic_batch else None,
         )
 
     # ---- properties ---------------------------------------------------------------------
@@ -576,7 +621,7 @@ class LoadedModel:
                 for layer in self.layers:
                     if layer.tensor not in existing and not layer.needs_min_output:
                         probe.graph.output.append(helper.make_empty_tensor_value_info(layer.tensor))
-                self._raw_session = self._session_factory(probe)
+                self._raw_session = self.sessions.make(probe)
         values = self._raw_session.run([layer.tensor for layer in layers], {self.input_name: x})
         return {layer.name: float(v.min()) for layer, v in zip(layers, values, strict=True)}
 
