@@ -29,6 +29,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
+from service.api.body import read_body
 from service.core.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
 
 StatsLevel = Literal["none", "summary", "channels"]
@@ -62,12 +63,12 @@ async def read_predict_body(
     if media_type == "multipart/form-data":
         return await _read_multipart(request, max_items)
     if media_type == "application/json" or media_type.endswith("+json"):
-        return _read_json(await request.body(), max_items)
+        return _read_json(await read_body(request), max_items)
     if media_type == "application/octet-stream":
         shape = request.headers.get(SHAPE_HEADER) or query_shape
-        return PredictBody(tensor=decode_raw_tensor(await request.body(), shape))
+        return PredictBody(tensor=decode_raw_tensor(await read_body(request), shape))
     if media_type.startswith("image/"):
-        return PredictBody(images=[("body", await request.body())])
+        return PredictBody(images=[("body", await read_body(request))])
     shown = media_type or "none"
     raise UnsupportedMediaTypeError(
         f"content type {shown!r} is not accepted for predict; send {ACCEPTED_TYPES}"

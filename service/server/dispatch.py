@@ -9,14 +9,14 @@ the ``DirectRoutes`` matches skips all of that and goes to the route's endpoint 
 the service's own middleware (metrics, body limit), with what the router would have put in
 the scope (``path_params``, ``route``, ``endpoint``) and the app's own exception handlers
 for the errors it raises. The endpoints, their checks and their error answers are the same
-objects as on FastAPI's path; only the way in is shorter. Every other request goes through
-FastAPI as usual.
+objects as on FastAPI's path; only the way in is shorter. Every other request, and any under
+a root path, goes through FastAPI as usual.
 
 This is a shortcut around a framework, kept because ``bench/bench_shortcuts.py`` measures it
 (docs/benchmarks.md); ``RELU_SERVE_DIRECT_DISPATCH=false`` switches it off, and
 tests/service/server/test_dispatch.py sends one corpus of requests both ways and compares the
-answers. It uses only Starlette's and FastAPI's public API: ``BaseRoute.matches``,
-``Middleware``'s ``cls``/``args``/``kwargs``, pydantic validation of the query model.
+answers. It uses Starlette's ``compile_path`` (as its routes do), ``Middleware``'s
+``cls``/``args``/``kwargs`` and pydantic validation of the query model, no private names.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Match
+from starlette.routing import BaseRoute, compile_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,9 @@ class DirectRoutes:
         for route in self.routes:
             if route.methods != {"POST"}:
                 raise ValueError(f"{route.path}: a direct route is a POST")
+        # Each path compiled as Starlette compiles it: Route.matches does the same and more
+        # (root paths, the route context FastAPI adds), ~15 us per request for two routes.
+        self._patterns = [(compile_path(r.path), r) for r in self.routes]
         self.endpoints = dict(endpoints)
         self.handlers = dict(handlers)
         app: ASGIApp = self._endpoint
@@ -98,12 +101,16 @@ class DirectRoutes:
     def match(self, scope: Scope) -> bool:
         """Whether a direct route takes this request; if so, its scope gets what the router
         would set (route, endpoint, path parameters)."""
-        if scope["type"] != "http" or scope["method"] != "POST":
-            return False
-        for route in self.routes:
-            found, child_scope = route.matches(scope)
-            if found is Match.FULL:
-                scope.update(child_scope)
+        if scope["type"] != "http" or scope["method"] != "POST" or scope.get("root_path"):
+            return False  # under a root path: FastAPI's router strips it
+        path = scope["path"]
+        for (regex, _, convertors), route in self._patterns:
+            found = regex.match(path)
+            if found is not None:
+                params = found.groupdict()
+                scope["path_params"] = {k: convertors[k].convert(v) for k, v in params.items()}
+                scope["route"] = route
+                scope["endpoint"] = route.endpoint
                 return True
         return False
 

@@ -16,6 +16,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
+from service.api.body import read_body
 from service.api.errors import error_responses
 from service.api.routes import OrjsonResponse, get_plane
 from service.api.v2_codec import (
@@ -187,7 +188,7 @@ async def infer(request: Request) -> Response:
     params = request.path_params
     model = plane.get_model(params["name"], params.get("version"))
     decoded = decode_infer_request(
-        await request.body(),
+        await read_body(request),
         header_length=request.headers.get(HEADER_LENGTH),
         content_encoding=request.headers.get("content-encoding"),
         max_body_bytes=plane.settings.max_body_bytes,
