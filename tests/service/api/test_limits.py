@@ -21,8 +21,8 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from tests.service.conftest import make_onnx_cnn, save_model
-from tests.service.http_helpers import error_of, make_settings
 from tests.service.core.test_swap import running_server
+from tests.service.http_helpers import error_of, make_settings
 
 PREDICT = "/v1/models/tiny/predict"
 

@@ -15,9 +15,9 @@ from fastapi.testclient import TestClient
 from onnx import helper
 from pydantic import SecretStr
 
-from service.core import model_manager as management
 from service.api.auth import check_bearer
 from service.app import create_app
+from service.core import model_manager as management
 from service.metadata import ModelMetadata
 from tests.service.conftest import make_onnx_cnn, reference_inputs
 from tests.service.http_helpers import error_of, make_settings

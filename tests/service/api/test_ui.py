@@ -1,4 +1,5 @@
-"""The web page at ``/`` (service/api/routes/ui.py, service/api/static/): served, typed, self-contained.
+"""The web page at ``/`` (service/api/routes/ui.py, service/api/static/): served, typed,
+self-contained.
 
 The browser test (tests/browser/test_page.py) shows the page working; these check what a
 TestClient can see: the files, their content types, and that the page loads nothing from

@@ -1,4 +1,4 @@
-"""service.core.metrics: the exposition parses strictly; the app's /metrics reports what happened."""
+"""service.core.metrics: the exposition parses strictly; /metrics reports what happened."""
 
 from __future__ import annotations
 

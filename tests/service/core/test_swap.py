@@ -24,8 +24,8 @@ from onnx import numpy_helper
 
 from service.core.repository import ModelRepository
 from tests.server_helpers import uvicorn_server
-from tests.service.conftest import make_onnx_cnn, reference_inputs, save_model
 from tests.service.api.test_management import snapshot
+from tests.service.conftest import make_onnx_cnn, reference_inputs, save_model
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 KEY = "swap-test-management-key-000"
