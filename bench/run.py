@@ -10,9 +10,7 @@ by bench/make_models.py), each at 1, 8 and 64 concurrent clients:
 1. ``raw``: onnxruntime in-process, batch 1 and batched (the limit: best of batch 32/64,
    one session of 2 threads spinning on or off, or two 1-thread runs side by side), images/s;
 2. ``noop``: FastAPI + uvicorn, one route that reads the body and answers a fixed JSON (the
-   HTTP ceiling), same uvicorn options, HTTP protocol (``service.server.protocol``) and worker
-   count as ours (``python -m service``); ``noop-stock``, the same on uvicorn's own protocol,
-   for reference;
+   HTTP ceiling), same uvicorn options and worker count as ours (``python -m service``);
 3. ``naive``: FastAPI + onnxruntime, pydantic model with JSON lists, one ``session.run`` per
    request (bench/apps/naive.py), the baseline;
 4. ``litserve`` and ``bentoml`` serving the same ONNX file with their batching, from the

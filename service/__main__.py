@@ -1,10 +1,9 @@
-"""``python -m service [uvicorn options]``: uvicorn serving ``service.main:app`` with the
-service's HTTP protocol (``service.server.protocol``: one system call per response;
-``RELU_SERVE_COALESCE_WRITES=false`` keeps uvicorn's own).
+"""``python -m service [uvicorn options]``: uvicorn serving ``service.main:app``, and a
+requested stop (SIGTERM) that ends with status 0.
 
 Every uvicorn option works as on uvicorn's own command line (``--host``, ``--port``,
-``--workers``, ``--log-level``, ``--reload``, ...); a later ``--http`` overrides ours.
-``uvicorn service.main:app`` serves the same app with uvicorn's stock protocol.
+``--workers``, ``--log-level``, ``--reload``, ...). ``uvicorn service.main:app`` serves the
+same app; it dies by the SIGTERM that stops it (status 143).
 
 ``--workers N`` starts N independent copies: each loads the models and keeps its own model
 changes, live statistics and metrics, and they share one listening socket unevenly
@@ -20,22 +19,17 @@ from types import FrameType
 
 import uvicorn.main
 
-from service.settings import load_settings
-
 APP = "service.main:app"
-HTTP_PROTOCOL = "service.server.protocol:HttpToolsProtocol"
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run uvicorn's command line with our app and, unless ``RELU_SERVE_COALESCE_WRITES`` is
-    false, our protocol first."""
+    """Run uvicorn's command line with our app first."""
     args = sys.argv[1:] if argv is None else argv
     if "--help" in args:
         sys.stdout.write(__doc__.replace("``", "`").strip() + "\n\n")
-    protocol = ["--http", HTTP_PROTOCOL] if load_settings().coalesce_writes else []
     previous = signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
-        uvicorn.main.main([APP, *protocol, *args], prog_name="python -m service")
+        uvicorn.main.main([APP, *args], prog_name="python -m service")
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -146,11 +146,6 @@ class ServiceSettings(BaseSettings):
     per-route layers (``service.server.dispatch``); off: every request takes FastAPI's own
     path. The answers are the same either way; docs/benchmarks.md has what it saves."""
 
-    coalesce_writes: bool = True
-    """``python -m service`` runs uvicorn's httptools protocol with each response's head and
-    body sent in one system call (``service.server.protocol``); off: uvicorn's stock
-    protocol. Read by ``python -m service`` only (plain ``uvicorn`` takes ``--http``)."""
-
     gil_switch_interval_ms: float = Field(default=0.5, gt=0.0, le=100.0)
     """Python's thread switch interval (``sys.setswitchinterval``), set at start-up. Python's
     5 ms default lets a busy event loop keep an inference thread that finished its run

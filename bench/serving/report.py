@@ -125,9 +125,6 @@ def check_figures(result: dict[str, Any]) -> list[dict[str, Any]]:
     d64 = _find(result, "ours", "digits", 64, best)
     if d64:
         add("digits 64 clients: x noop", d64["x_noop"], 0.8)
-        stock = _find(result, "noop-stock", "digits", 64)
-        if stock:  # for reference: the ceiling with uvicorn's own protocol
-            add("digits 64 clients: x noop on stock uvicorn", d64["rps"] / stock["rps"], 0.8)
         add("digits 64 clients: x naive", d64["x_naive"], 3.0)
     for label, *_ in PAIRS:  # each pair is one of the 0.8x figures
         pair = result.get("paired", {}).get("pairs", {}).get(label)

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.serving.inputs import Request, octet_stream, our_requests, sample_input
-from service.__main__ import HTTP_PROTOCOL
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -119,14 +118,11 @@ def build_servers(
     inputs = {m: sample_input(repo / m / "1" / "model.onnx") for m in models}
     servers: list[Server] = []
     uvicorn = [PY, "-m", "uvicorn", *options]
-    # The ceiling runs on the same stack as ours: uvicorn with our HTTP protocol.
-    noop = Server("noop", [*uvicorn, "--http", HTTP_PROTOCOL, "bench.apps.noop:app"], {}, "/health")
-    # For reference: the same no-op on uvicorn's own protocol (two writes per response).
-    stock = Server("noop-stock", [*uvicorn, "bench.apps.noop:app"], {}, "/health")
-    for server in (noop, stock):
-        for m in models:
-            server.requests[f"{m}:binary"] = octet_stream("/noop", inputs[m][1].tobytes())
-        servers.append(server)
+    # The ceiling runs on the same stack as ours: uvicorn, same options.
+    noop = Server("noop", [*uvicorn, "bench.apps.noop:app"], {}, "/health")
+    for m in models:
+        noop.requests[f"{m}:binary"] = octet_stream("/noop", inputs[m][1].tobytes())
+    servers.append(noop)
     ours_env = {
         "RELU_SERVE_MODEL_ROOT": str(repo),
         "RELU_SERVE_LOG_LEVEL": "warning",
@@ -173,7 +169,7 @@ def build_servers(
         bare = [PY, "bench/apps/prototype.py", path, "--port", "{port}"]
         proto = Server("proto", bare, {}, "/health")
         proto.requests[f"{m}:binary"] = binary
-        asgi = [*uvicorn, "--http", HTTP_PROTOCOL, "bench.apps.prototype:app"]
+        asgi = [*uvicorn, "bench.apps.prototype:app"]
         proto_asgi = Server("proto-asgi", asgi, {"BENCH_MODEL": path}, "/health")
         proto_asgi.requests[f"{m}:binary"] = binary
         servers += [proto, proto_asgi]

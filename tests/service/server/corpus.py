@@ -1,6 +1,6 @@
 """One corpus of predict and infer requests, answers and errors alike, for the tests that
 send it through the service's shortcuts and through the stock path and compare the answers
-(service/server/: direct dispatch, coalesced writes)."""
+(service/server/dispatch.py: the direct dispatch against FastAPI's router)."""
 
 from __future__ import annotations
 
