@@ -12,8 +12,9 @@ for the errors it raises. The endpoints, their checks and their error answers ar
 objects as on FastAPI's path; only the way in is shorter. Every other request, and any under
 a root path, goes through FastAPI as usual.
 
-This is a shortcut around a framework, kept because ``bench/bench_shortcuts.py`` measures it
-(docs/benchmarks.md); ``RELU_SERVE_DIRECT_DISPATCH=false`` switches it off, and
+This is a shortcut around a framework, kept because ``bench/bench_ab.py`` measures it worth
+2.3x the requests per second of FastAPI's own path (default model, 64 clients,
+docs/benchmarks.md); ``RELU_SERVE_DIRECT_DISPATCH=false`` switches it off, and
 tests/service/server/test_dispatch.py sends one corpus of requests both ways and compares the
 answers. It uses Starlette's ``compile_path`` (as its routes do), ``Middleware``'s
 ``cls``/``args``/``kwargs`` and pydantic validation of the query model, no private names.
