@@ -45,9 +45,12 @@ TAGS = [
 GC_YOUNG_THRESHOLD = 20_000
 # The routes that carry the traffic, and how each reads its endpoint's arguments, for the
 # direct dispatch (service.server.dispatch, RELU_SERVE_DIRECT_DISPATCH).
+PREDICT_QUERY = query_model("query", v1.PredictQuery)
 DIRECT_ENDPOINTS: dict[Callable[..., Any], Arguments] = {
-    v1.predict: query_model("query", v1.PredictQuery),
+    v1.predict: PREDICT_QUERY,
+    v1.predict_version: PREDICT_QUERY,
     v2.infer: no_arguments,
+    v2.infer_version: no_arguments,
 }
 TELEMETRY_OFF: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
 

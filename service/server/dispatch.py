@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 
 # An exception handler as Starlette keeps them (the service's are all coroutines).
 Handler = Callable[[Request, Any], Any]
-# The keyword arguments an endpoint takes beside the request, read from the request the way
-# FastAPI would (for example ``query_model``).
+# The keyword arguments an endpoint takes beside the request and its path parameters, read
+# from the request the way FastAPI would (for example ``query_model``).
 Arguments = Callable[[Request], Mapping[str, Any]]
 
 
@@ -126,7 +126,8 @@ class DirectRoutes:
         request = Request(scope, receive)
         try:
             endpoint: Callable[..., Awaitable[Response]] = scope["endpoint"]
-            response = await endpoint(request, **self.endpoints[endpoint](request))
+            arguments = self.endpoints[endpoint](request)
+            response = await endpoint(request, **scope["path_params"], **arguments)
         except Exception as exc:
             handler = self._handler_for(exc)
             if handler is None:

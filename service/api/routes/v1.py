@@ -100,6 +100,13 @@ async def model_metadata(plane: Plane, name: str, version: str | None = None) ->
     openapi_extra=_PREDICT_BODY,
     responses=PREDICT_ERRORS,
 )
+async def predict(
+    request: Request, name: str, query: Annotated[PredictQuery, Query()]
+) -> OrjsonResponse:
+    """Top-k labels per image or tensor, and per-layer statistics when asked."""
+    return await _predict(request, name, None, query)
+
+
 @router.post(
     "/models/{name}/versions/{version}/predict",
     tags=["predict"],
@@ -107,10 +114,17 @@ async def model_metadata(plane: Plane, name: str, version: str | None = None) ->
     openapi_extra=_PREDICT_BODY,
     responses=PREDICT_ERRORS,
 )
-async def predict(request: Request, query: Annotated[PredictQuery, Query()]) -> OrjsonResponse:
+async def predict_version(
+    request: Request, name: str, version: str, query: Annotated[PredictQuery, Query()]
+) -> OrjsonResponse:
     """Top-k labels per image or tensor, and per-layer statistics when asked."""
+    return await _predict(request, name, version, query)
+
+
+async def _predict(
+    request: Request, name: str, version: str | None, query: PredictQuery
+) -> OrjsonResponse:
     plane: DataPlane = request.app.state.plane
-    params = request.path_params
     settings: ServiceSettings = plane.settings
     body = await read_predict_body(
         request, max_items=settings.max_batch_size, query_shape=query.shape
@@ -118,7 +132,7 @@ async def predict(request: Request, query: Annotated[PredictQuery, Query()]) -> 
     stats = body.stats or query.stats or "none"
     k = body.top_k or query.top_k or DEFAULT_TOP_K
     inputs = body.tensor if body.tensor is not None else body.images
-    model, result = await plane.predict(params["name"], params.get("version"), inputs, stats)
+    model, result = await plane.predict(name, version, inputs, stats)
     names = None if body.tensor is not None else [n for n, _ in body.images]
     return OrjsonResponse(encode_prediction(model, result, k, settings.max_top_k, stats, names))
 

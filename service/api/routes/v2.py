@@ -175,18 +175,24 @@ def _build_catalogue(model: LoadedModel) -> dict[str, tuple[str, list[int]]]:
     summary="Inference (latest version)",
     responses=error_responses(413, 415, v2=True),
 )
+async def infer(request: Request, name: str) -> Response:
+    """JSON or binary tensors in; logits, probabilities and statistics outputs out."""
+    return await _infer(request, name, None)
+
+
 @router.post(
     "/models/{name}/versions/{version}/infer",
     summary="Inference",
     responses=error_responses(413, 415, v2=True),
 )
-async def infer(request: Request) -> Response:
+async def infer_version(request: Request, name: str, version: str) -> Response:
     """JSON or binary tensors in; logits, probabilities and statistics outputs out."""
-    # The path parameters and the data plane are read by hand: FastAPI's parameter machinery
-    # is a fifth of the event loop's time per request under load (py-spy).
+    return await _infer(request, name, version)
+
+
+async def _infer(request: Request, name: str, version: str | None) -> Response:
     plane: DataPlane = request.app.state.plane
-    params = request.path_params
-    model = plane.get_model(params["name"], params.get("version"))
+    model = plane.get_model(name, version)
     decoded = decode_infer_request(
         await read_body(request),
         header_length=request.headers.get(HEADER_LENGTH),

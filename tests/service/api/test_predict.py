@@ -257,3 +257,27 @@ def test_foreign_model_takes_tensors_and_image_shaped_input(client: TestClient) 
     )
     assert image.status_code == 200, image.text
     assert len(image.json()["predictions"][0]["top_k"]) == 5
+
+
+QUERY = ("top_k", "stats", "shape")
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/v1/models/{name}/predict", {("name", "path"), *{(q, "query") for q in QUERY}}),
+        (
+            "/v1/models/{name}/versions/{version}/predict",
+            {("name", "path"), ("version", "path"), *{(q, "query") for q in QUERY}},
+        ),
+        ("/v2/models/{name}/infer", {("name", "path")}),
+        ("/v2/models/{name}/versions/{version}/infer", {("name", "path"), ("version", "path")}),
+    ],
+)
+def test_openapi_declares_every_parameter(
+    client: TestClient, path: str, expected: set[tuple[str, str]]
+) -> None:
+    operation = client.get("/openapi.json").json()["paths"][path]["post"]
+    assert {(p["name"], p["in"]) for p in operation["parameters"]} == expected
+    if path.startswith("/v1"):  # documented by hand: five content types in one route
+        assert "requestBody" in operation

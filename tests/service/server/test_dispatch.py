@@ -24,8 +24,7 @@ class HandledError(Exception):
     """An error the app has a handler for."""
 
 
-async def endpoint(request: Request) -> Response:
-    what = request.path_params["what"]
+async def endpoint(request: Request, what: str) -> Response:
     if what == "fail":
         raise HandledError("handled")
     if what == "bug":
