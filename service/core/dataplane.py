@@ -161,16 +161,13 @@ class DataPlane:
         decoded and preprocessed as the model's metadata says."""
         model = self.get_model(name, version)
         if isinstance(inputs, np.ndarray):
-            x = inputs
-            if x.ndim >= 1:
-                self.check_batch(int(x.shape[0]))
-        else:
-            if not inputs:
-                raise BadRequestError(
-                    "empty batch: the request has no images (batch size 0)", code="invalid_input"
-                )
-            self.check_batch(len(inputs))  # before decoding any of them
-            x = await self._images_to_tensor(model, inputs)
+            return model, await self.infer(model, inputs, stats)
+        if not inputs:
+            raise BadRequestError(
+                "empty batch: the request has no images (batch size 0)", code="invalid_input"
+            )
+        self.check_batch(len(inputs))  # before decoding any of them
+        x = await self._images_to_tensor(model, inputs)
         return model, await self._infer(model, x, stats)
 
     async def _images_to_tensor(

@@ -364,7 +364,6 @@ class LoadedModel:
         self.path = path
         self.sha256 = sha256
         self.metadata = metadata
-        self.signature = signature
         # Read on every request: plain attributes.
         self.input_name = signature.input_name
         self.input_shape = signature.input_shape
