@@ -74,10 +74,29 @@ class ServiceSettings(BaseSettings):
     model_providers: dict[str, list[str]] = Field(default_factory=dict)
     """Per-model override of ``providers`` as JSON, e.g. ``{"digits": ["cpu"]}``."""
 
-    intra_op_threads: int = Field(default_factory=_default_threads, ge=1)
-    """onnxruntime intra-op threads per session; defaults to the CPUs the container really has
-    (cgroup CPU quota and affinity, not the host's core count). Models under
+    workers: int = Field(default_factory=_default_threads, ge=1, le=256)
+    """Worker processes of ``python -m service`` (each an event loop serving every model, on
+    one shared port); defaults to the CPUs the container really has (cgroup CPU quota and
+    affinity, not the host's core count). Workers share what a client can see: the model
+    repository on disk, the live monitor's counts and the metrics."""
+
+    intra_op_threads: int = Field(
+        default_factory=lambda data: max(1, _default_threads() // data["workers"]), ge=1
+    )
+    """onnxruntime intra-op threads per session; defaults to the container's CPUs divided
+    among the ``workers``, so that workers do not fight over cores. Models under
     ``service.runtime.loaded_model.SMALL_MODEL_MACS`` multiply-accumulates per sample use one."""
+
+    shared_dir: Path | None = None
+    """Folder where the worker processes of one service instance keep what they share at run
+    time: the live monitor's counts and the metrics (prometheus_client's multiprocess files).
+    ``python -m service`` makes a fresh one at start when unset; a process started otherwise
+    (``uvicorn service.main:app``, tests) keeps them in its own memory."""
+
+    repository_poll_s: float = Field(default=2.0, gt=0.0, le=3600.0)
+    """Seconds between two looks at the model repository on disk: every worker, and every
+    replica on the same volume, converges on what the repository holds (versions, which are
+    unloaded, the default) within this time."""
 
     inference_workers: int = Field(default=1, ge=1, le=64)
     """Inference threads per model version, each running one (batched) run at a time, off the
@@ -119,10 +138,15 @@ class ServiceSettings(BaseSettings):
     spec promises. A number in [0, 1]: that fraction of all requests also runs the
     statistics session (~1.35x a plain run) to feed the monitor, whatever they asked."""
 
-    max_queue_length: int = Field(default=64, ge=1)
+    request_deadline_s: float = Field(default=3.0, gt=0.0, le=3600.0)
+    """Admission by time: a request whose expected wait for a model run (the samples queued
+    ahead of it times the model's measured time per sample) would pass this many seconds is
+    refused at once with 503 and Retry-After, instead of waiting to time out."""
+
+    max_queue_length: int = Field(default=1024, ge=1)
     """Most requests waiting in one model's queue for the next batch (those in a run in flight
-    not counted); more get 503 with Retry-After, so an overloaded instance sheds load instead
-    of timing everyone out."""
+    not counted): a hard bound on queued memory behind ``request_deadline_s``, which sheds
+    load first in practice; more get 503 with Retry-After."""
 
     batch_max_size: int = Field(default=64, ge=1)
     """Dynamic batching: most samples in one inference run. Concurrent requests to a model are
