@@ -1,37 +1,81 @@
-"""``python -m service [uvicorn options]``: uvicorn serving ``service.main:app``, and a
-requested stop (SIGTERM) that ends with status 0.
+"""``python -m service [uvicorn options]``: uvicorn serving ``service.main:app`` in
+``RELU_SERVE_WORKERS`` worker processes, and a requested stop (SIGTERM) that ends with status 0.
 
 Every uvicorn option works as on uvicorn's own command line (``--host``, ``--port``,
-``--workers``, ``--log-level``, ``--reload``, ...). ``uvicorn service.main:app`` serves the
-same app; it dies by the SIGTERM that stops it (status 143).
+``--log-level``, ``--reload``, ...); ``--workers N`` overrides ``RELU_SERVE_WORKERS`` (default:
+the CPUs the container may use). With more than one, uvicorn's supervisor runs the workers on
+one listening socket, replaces a worker that dies and, on SIGTERM, stops each of them
+gracefully (readiness 503 first, requests in flight finish).
 
-``--workers N`` starts N independent copies: each loads the models and keeps its own model
-changes, live statistics and metrics, and they share one listening socket unevenly
-(docs/deployment.md, "One process per pod"). One process (the default) is the supported
-way to run the service.
+The workers share what a client sees: the model repository on disk (each converges on it
+within ``RELU_SERVE_REPOSITORY_POLL_S``), and a folder, ``RELU_SERVE_SHARED_DIR``, made here
+fresh for this run when unset, where the live monitor's counts and the metrics
+(prometheus_client's multiprocess files, ``PROMETHEUS_MULTIPROC_DIR``) of every worker are
+kept, so that any worker answers for all. ``uvicorn service.main:app`` serves one process
+with everything in its own memory; it dies by the SIGTERM that stops it (status 143).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 
 import uvicorn.main
 
+from service.settings import load_settings
+
 APP = "service.main:app"
+PROMETHEUS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+SHARED_DIR_VARIABLE = "RELU_SERVE_SHARED_DIR"
+# The parts of the shared folder emptied at every start: counts of an earlier run would be
+# read as this one's (prometheus_client requires an empty multiprocess folder at start).
+SHARED_PARTS = ("metrics", "monitor")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run uvicorn's command line with our app first."""
+    """Run uvicorn's command line with our app first and the worker count of the settings."""
     args = sys.argv[1:] if argv is None else argv
     if "--help" in args:
         sys.stdout.write(__doc__.replace("``", "`").strip() + "\n\n")
+    elif "--reload" not in args and not any(a.split("=")[0] == "--workers" for a in args):
+        args = [*args, "--workers", str(load_settings().workers)]  # the reloader runs one
     previous = signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
-        uvicorn.main.main([APP, *args], prog_name="python -m service")
+        with shared_folder():
+            uvicorn.main.main([APP, *args], prog_name="python -m service")
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def shared_folder() -> Iterator[Path]:
+    """The workers' shared folder, in the environment they inherit: ``RELU_SERVE_SHARED_DIR``
+    with its parts emptied, or a fresh temporary folder removed at the end."""
+    given = os.environ.get(SHARED_DIR_VARIABLE)
+    folder = Path(given) if given else Path(tempfile.mkdtemp(prefix="relu-serve-"))
+    for part in SHARED_PARTS:
+        shutil.rmtree(folder / part, ignore_errors=True)
+        (folder / part).mkdir(parents=True)
+    saved = {name: os.environ.get(name) for name in (SHARED_DIR_VARIABLE, PROMETHEUS_DIR_VARIABLE)}
+    os.environ[SHARED_DIR_VARIABLE] = str(folder)
+    os.environ[PROMETHEUS_DIR_VARIABLE] = str(folder / "metrics")
+    try:
+        yield folder
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        if not given:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:

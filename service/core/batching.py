@@ -15,7 +15,12 @@ preferred sizes:
   the plain session and pay nothing for statistics; statistics requests run the instrumented
   session together, each summarised over its own samples (``LoadedModel.run_split``);
 - requests whose samples differ in shape (models with dynamic spatial dims) never share a run;
-- at most ``max_queue`` requests wait; one more raises ``QueueFullError`` at once.
+- admission by time: a request whose expected wait (the samples queued and running ahead of
+  it, plus its own, times the measured seconds per sample of recent runs, shared among the
+  workers) would pass ``deadline_s`` raises ``OverloadedError`` at once, with the time the
+  queue needs to drain that far; before the first run nothing is measured and all are let in;
+- at most ``max_queue`` requests wait whatever their expected wait (a hard bound on memory);
+  one more raises ``QueueFullError`` at once.
 
 If a merged run fails, each of its requests is run again alone, so one bad input cannot fail
 the others it was batched with. Nothing here knows about HTTP.
@@ -41,6 +46,7 @@ import numpy as np
 from service.runtime.loaded_model import LoadedModel, RunResult
 
 logger = logging.getLogger(__name__)
+_RUNS_AVERAGED = 8
 
 
 class QueueFullError(RuntimeError):
@@ -50,6 +56,21 @@ class QueueFullError(RuntimeError):
         super().__init__(f"{queued} requests are already queued (limit {limit})")
         self.queued = queued
         self.limit = limit
+
+
+class OverloadedError(QueueFullError):
+    """The request's expected wait would pass the deadline."""
+
+    def __init__(self, queued: int, expected_s: float, deadline_s: float) -> None:
+        RuntimeError.__init__(
+            self,
+            f"{queued} samples are already queued: the expected wait of {expected_s:.2f} s "
+            f"is over the deadline of {deadline_s:g} s",
+        )
+        self.queued = queued
+        self.limit = queued
+        self.expected_s = expected_s
+        self.deadline_s = deadline_s
 
 
 class BatcherClosedError(RuntimeError):
@@ -95,6 +116,7 @@ class ModelBatcher:
         max_size: int,
         max_delay_s: float = 0.0,
         max_queue: int = 64,
+        deadline_s: float = float("inf"),
         workers: int = 1,
         on_batch: Callable[[BatchReport], None] | None = None,
         inline: bool = False,
@@ -103,11 +125,15 @@ class ModelBatcher:
         self.max_size = max_size
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
+        self.deadline_s = deadline_s
         self.workers = workers
         self._on_batch = on_batch
         self._queue: deque[_Request] = deque()
         self._in_flight = 0  # runs started and not finished
         self._running_requests = 0
+        self._waiting_samples = 0  # in _queue
+        self._running_samples = 0
+        self.seconds_per_sample = 0.0  # of recent runs (a moving average); 0: none yet
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix=f"infer-{name}")
@@ -137,6 +163,10 @@ class ModelBatcher:
             raise BatcherClosedError(f"model {self.name!r} is shutting down")
         if len(self._queue) >= self.max_queue:
             raise QueueFullError(len(self._queue), self.max_queue)
+        ahead = self._waiting_samples + self._running_samples
+        expected = (ahead + x.shape[0]) * self.seconds_per_sample / self.workers
+        if expected > self.deadline_s:
+            raise OverloadedError(ahead, expected, self.deadline_s)
         loop = self._loop
         if loop is None:  # a batcher lives and dies with the serving loop (DataPlane.stop)
             # Looked up once: asyncio.get_running_loop() makes a getpid() system call on
@@ -145,6 +175,7 @@ class ModelBatcher:
         future: asyncio.Future[RunResult] = loop.create_future()
         key = ("none" if stats == "none" else "stats", x.shape[1:], x.dtype)
         self._queue.append(_Request(model, x, stats, key, future, time.perf_counter()))
+        self._waiting_samples += x.shape[0]
         if self._in_flight < self.workers:
             if self.inline:
                 if not self._dispatch_pending:  # at the end of this loop step, with the
@@ -190,15 +221,21 @@ class ModelBatcher:
         self._queue = kept
         return batch
 
+    def _count_queued(self) -> None:
+        self._waiting_samples = sum(r.size for r in self._queue)
+
     def _dispatch(self) -> None:
         """Start runs while a worker is free and requests wait (on the event loop)."""
         self._dispatch_pending = False
         while self._in_flight < self.workers:
             batch = self._take_batch()
+            self._count_queued()
             if not batch:
                 break
+            samples = sum(r.size for r in batch)
             self._in_flight += 1
             self._running_requests += len(batch)
+            self._running_samples += samples
             if self.inline:
                 self._finish(batch, *self._compute(batch), reschedule=False)
                 continue
@@ -207,6 +244,7 @@ class ModelBatcher:
             except RuntimeError:  # the executor shut down under us
                 self._in_flight -= 1
                 self._running_requests -= len(batch)
+                self._running_samples -= samples
                 for request in batch:
                     if not request.future.done():
                         request.future.set_exception(
@@ -278,8 +316,11 @@ class ModelBatcher:
     ) -> None:
         """On the event loop: resolve each request's future, report, start the next run
         (unless ``_dispatch`` itself goes on)."""
+        samples = sum(r.size for r in batch)
         self._in_flight -= 1
         self._running_requests -= len(batch)
+        self._running_samples -= samples
+        self._measure(samples, seconds)
         for request, outcome in zip(batch, outcomes, strict=True):
             if request.future.done():
                 continue
@@ -296,7 +337,7 @@ class ModelBatcher:
                 self._on_batch(
                     BatchReport(
                         model=batch[0].model,
-                        samples=sum(r.size for r in batch),
+                        samples=samples,
                         requests=len(batch),
                         stats=level,
                         run_seconds=seconds,
@@ -305,6 +346,15 @@ class ModelBatcher:
                 )
             except Exception:  # a metrics bug must not stall the queue
                 logger.exception("model %s: batch report failed", self.name)
+
+    def _measure(self, samples: int, seconds: float) -> None:
+        """Fold one run into the seconds per sample: an average over about the last
+        ``_RUNS_AVERAGED`` runs, so a burst's larger batches (cheaper per sample) count soon."""
+        rate = seconds / max(samples, 1)
+        if self.seconds_per_sample == 0.0:
+            self.seconds_per_sample = rate
+        else:
+            self.seconds_per_sample += (rate - self.seconds_per_sample) / _RUNS_AVERAGED
 
     # ---------------------------------------------------------------- shutdown
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import sys
 import weakref
@@ -20,7 +21,13 @@ from typing import Any
 import anyio.to_thread
 import numpy as np
 
-from service.core.batching import BatcherClosedError, BatchReport, ModelBatcher, QueueFullError
+from service.core.batching import (
+    BatcherClosedError,
+    BatchReport,
+    ModelBatcher,
+    OverloadedError,
+    QueueFullError,
+)
 from service.core.errors import BadRequestError, PayloadTooLargeError, ServiceUnavailableError
 from service.core.images import decode_image, default_preprocessing, preprocess_images
 from service.core.metrics import GaugeFamily, ServiceMetrics
@@ -261,6 +268,7 @@ class DataPlane:
                 max_size=max_size,
                 max_delay_s=max_delay_s,
                 max_queue=self.settings.max_queue_length,
+                deadline_s=self.settings.request_deadline_s,
                 workers=self.settings.inference_workers,
                 on_batch=self._record_batch,
                 inline=model.small and self.settings.inline_small_models,
@@ -274,6 +282,15 @@ class DataPlane:
             raise ServiceUnavailableError("the service is shutting down")
         try:
             future = self._batcher(model).submit(model, x, stats)
+        except OverloadedError as exc:
+            # Retry once the queue could have drained below the deadline.
+            retry = max(1, math.ceil(exc.expected_s - exc.deadline_s))
+            raise ServiceUnavailableError(
+                f"model {model.name!r} is overloaded: {exc} (request_deadline_s); retry in "
+                f"{retry} s",
+                code="overloaded",
+                headers={"Retry-After": str(retry)},
+            ) from None
         except QueueFullError as exc:
             raise ServiceUnavailableError(
                 f"{exc.queued} requests are already queued for model {model.name!r}, the limit "

@@ -231,6 +231,39 @@ def test_a_full_queue_answers_503_with_retry_after(
     with_plane(model_repo, body, max_queue_length=2)
 
 
+def test_admission_by_time_refuses_what_would_pass_the_deadline(
+    model_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Runs take ~50 ms a sample; the deadline is 0.3 s: with one sample running, about five
+    # more fit (each request's expected wait counts those ahead and its own), later ones are
+    # refused at once, not after waiting; once the queue drains, requests are let in again.
+    async def body(plane: DataPlane) -> None:
+        model = plane.get_model("tiny")
+        real_run = model.run_batch
+
+        def slow_run(x: np.ndarray, stats: str) -> Any:
+            time.sleep(0.05 * x.shape[0])
+            return real_run(x, stats)
+
+        monkeypatch.setattr(model, "run_batch", slow_run)
+        await plane.infer(model, reference_inputs(1, seed=98))  # measures the time per sample
+        recorder = RunRecorder(model, monkeypatch)
+        inputs = [reference_inputs(1, seed=i) for i in range(12)]
+        results = await burst(plane, recorder, model, inputs, ["none"] * 12)
+        kinds = ["ok" if type(r).__name__ == "RunResult" else r.code for r in results]
+        admitted = kinds.count("ok")
+        assert 3 <= admitted <= 5, kinds
+        assert kinds == ["ok"] * admitted + ["overloaded"] * (12 - admitted)
+        error = results[-1]
+        assert isinstance(error, ServiceUnavailableError)
+        assert "request_deadline_s" in error.message
+        assert "expected wait" in error.message
+        assert int(error.headers["Retry-After"]) >= 1
+        assert type(await plane.infer(model, inputs[0])).__name__ == "RunResult"
+
+    with_plane(model_repo, body, request_deadline_s=0.3, max_queue_length=100)
+
+
 def test_a_bad_input_fails_alone(model_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bad = reference_inputs(1, seed=3)
     bad[0, 0, 0, 0] = np.nan
