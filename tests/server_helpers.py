@@ -35,11 +35,13 @@ def uvicorn_server(
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """``(url, process)`` of ``python -m service`` (uvicorn) serving ``model_root`` on a free
     127.0.0.1 port, once ``/health/ready`` answers 200. ``env`` adds RELU_SERVE_* settings
-    (one intra-op thread and warning logs unless given). On exit a process still running gets
-    SIGTERM, and is killed if it has not stopped within ``stop_timeout``."""
+    (one worker of one intra-op thread and warning logs unless given). On exit a process
+    still running gets SIGTERM, and is killed if it has not stopped within
+    ``stop_timeout``."""
     port = free_port()
     environment = {
         **os.environ,
+        "RELU_SERVE_WORKERS": "1",
         "RELU_SERVE_INTRA_OP_THREADS": "1",
         "RELU_SERVE_LOG_LEVEL": "warning",
         **(env or {}),

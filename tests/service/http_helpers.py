@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+import orjson
 from PIL import Image
 
 from service.settings import ServiceSettings, load_settings
-from tests.service.conftest import numpy_layer_stats, run_with_activations
+from tests.service.conftest import numpy_layer_stats, reference_inputs, run_with_activations
 
 TINY_LAYERS = ("features.0.act", "features.1.act")
 
@@ -76,3 +78,10 @@ def error_of(response: Any) -> dict[str, str]:
     assert set(body["error"]) == {"code", "message"}, body
     assert body["error"]["message"], body
     return body["error"]
+
+
+def predict_body(batch: int = 16) -> bytes:
+    """A /v1 predict JSON body of ``batch`` reference inputs of the tiny model, base64."""
+    x = reference_inputs(batch, seed=batch)  # (N, 1, 8, 8)
+    tensor = {"shape": list(x.shape), "data": base64.b64encode(x.tobytes()).decode()}
+    return orjson.dumps({"tensor": tensor})

@@ -1,0 +1,142 @@
+"""Several worker processes for real: ``python -m service`` with two workers on one port, under
+concurrent clients, as one service (docs/deployment.md, "Workers").
+
+A worker killed with SIGKILL is replaced and only the requests in flight on it fail; the
+requests of many connections land on both workers; what a client reads (the live monitor,
+/metrics, the models served) adds up over the workers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server_helpers import uvicorn_server
+from tests.service.http_helpers import predict_body
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+CLIENTS = 8
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def workers_of(master: int) -> list[int]:
+    """The worker processes uvicorn's supervisor started (multiprocessing's spawned
+    children; not its resource tracker)."""
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    return [
+        int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``condition`` until it holds, or fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout} s: {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def two_workers(model_repo: Path) -> Iterator[tuple[str, int]]:
+    """``(url, master pid)`` of the service with two workers, both serving."""
+    with uvicorn_server(model_repo, env={"RELU_SERVE_WORKERS": "2"}) as (url, process):
+        wait_for(lambda: len(workers_of(process.pid)) == 2, 30, "two workers")
+        yield url, process.pid
+
+
+class Load:
+    """``CLIENTS`` threads sending predict requests, each on a new connection, until
+    stopped; records every outcome (status code or exception name) with its end time."""
+
+    def __init__(self, url: str) -> None:
+        self.url = f"{url}/v1/models/tiny/predict"
+        self.outcomes: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client) for _ in range(CLIENTS)]
+        self._lock = threading.Lock()
+
+    def _client(self) -> None:
+        body, headers = predict_body(), {"Content-Type": "application/json"}
+        while not self._stop.is_set():
+            try:
+                status = str(
+                    httpx.post(self.url, content=body, headers=headers, timeout=10).status_code
+                )
+            except httpx.HTTPError as exc:
+                status = type(exc).__name__
+            with self._lock:
+                self.outcomes.append((time.monotonic(), status))
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+    def since(self, moment: float) -> list[str]:
+        with self._lock:
+            return [status for at, status in self.outcomes if at >= moment]
+
+
+def test_connections_spread_over_both_workers(two_workers: tuple[str, int]) -> None:
+    url, master = two_workers
+    workers = workers_of(master)
+    before = {pid: cpu_seconds(pid) for pid in workers}
+    with Load(url) as load:
+        time.sleep(3)
+    used = {pid: cpu_seconds(pid) - before[pid] for pid in workers}
+    assert set(load.since(0)) == {"200"}
+    total = sum(used.values())
+    assert total > 0
+    # Each worker does a fair part of the work (the issue's bound is 35-65% at 64 clients).
+    assert all(0.2 <= seconds / total <= 0.8 for seconds in used.values()), used
+
+
+def test_a_killed_worker_is_replaced_and_only_its_requests_in_flight_fail(
+    two_workers: tuple[str, int],
+) -> None:
+    url, master = two_workers
+    victim, survivor = workers_of(master)
+    with Load(url) as load:
+        time.sleep(1)
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        wait_for(
+            lambda: len(workers_of(master)) == 2 and victim not in workers_of(master),
+            30,
+            "a replacement worker",
+        )
+        replacement = next(pid for pid in workers_of(master) if pid != survivor)
+        # Served on, through the replacement too: readiness of both, then more requests.
+        wait_for(lambda: httpx.get(f"{url}/health/ready").status_code == 200, 30, "ready")
+        time.sleep(2)
+        after_restart = time.monotonic()
+        time.sleep(1)
+    during = load.since(killed_at)
+    failed = [status for status in during if status != "200"]
+    # At most the requests in flight on the killed worker: one per client.
+    assert len(failed) <= CLIENTS, failed
+    assert during.count("200") > len(failed)
+    assert set(load.since(after_restart)) == {"200"}
+    assert survivor in workers_of(master)
+    assert cpu_seconds(replacement) > 0
