@@ -55,6 +55,7 @@ CORE_KINDS = [
     "Service",
     "HorizontalPodAutoscaler",
     "PodDisruptionBudget",
+    "PersistentVolumeClaim",
 ]
 
 
@@ -232,6 +233,22 @@ def test_runs_as_the_image_user_non_root_read_only(deployment, container) -> Non
     assert any(mount["mountPath"] == "/tmp" for mount in container["volumeMounts"])
     isvc = DOCS["InferenceService"]["spec"]["predictor"]
     assert isvc["securityContext"]["runAsUser"] == pod_security["runAsUser"]
+
+
+def test_every_pod_serves_the_one_shared_repository(deployment, container) -> None:
+    # The repository is the truth that replicas converge on: one volume, writable by all.
+    pod = deployment["spec"]["template"]["spec"]
+    claim = DOCS["PersistentVolumeClaim"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    (volume,) = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    root = DOCS["ConfigMap"]["data"]["RELU_SERVE_MODEL_ROOT"]
+    (seed,) = pod["initContainers"]
+    for mounts in (container["volumeMounts"], seed["volumeMounts"]):
+        assert {"name": volume["name"], "mountPath": root} in mounts
+    # The seed copies the image's models in, from the image the service runs.
+    assert seed["image"] == container["image"]
+    assert "/app/models" in seed["command"][-1]
 
 
 def test_same_image_everywhere(container, isvc_container) -> None:
