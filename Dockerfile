@@ -36,8 +36,9 @@ RUN python -m compileall -q service \
 # Numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 USER 10001:10001
 
-# The service writes nothing but short-lived temporary files (instrumented graphs at load) to
-# TMPDIR. SHUTDOWN_DELAY_S: readiness turns 503 for that long after SIGTERM before uvicorn
+# python -m service runs RELU_SERVE_WORKERS worker processes, by default as many as the
+# container's CPU quota allows. The service writes to TMPDIR only: short-lived instrumented
+# graphs at load, and the workers' shared folder (live monitor counts, metrics). SHUTDOWN_DELAY_S: readiness turns 503 for that long after SIGTERM before uvicorn
 # stops accepting (0 here; deploy/ sets 5 s for Kubernetes); then requests in flight get up
 # to UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN seconds to finish.
 ENV RELU_SERVE_MODEL_ROOT=/app/models \
