@@ -61,12 +61,14 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     settings = settings or load_settings()
     service_metrics = ServiceMetrics()
     plane = DataPlane(settings, service_metrics)
+    manager = ModelManager(plane, settings.max_upload_bytes, settings.repository_poll_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_level)
         configure_pillow(settings.max_image_pixels)
         await plane.start()
+        await manager.start()  # clean staging leftovers, then follow the repository on disk
         # Everything loaded so far lives as long as the process: move it out of the
         # collector's reach, so full collections under load walk only per-request objects
         # (they took ~19% of the event loop's time serving the default model, py-spy).
@@ -82,6 +84,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             yield
         finally:
             shutdown.uninstall()
+            await manager.stop()
             await plane.stop()
 
     # Outermost first: metrics see every answer, the 413 of the body limit included.
@@ -109,7 +112,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.plane = plane
-    app.state.manager = ModelManager(plane, settings.max_upload_bytes)
+    app.state.manager = manager
     app.state.metrics = service_metrics
     if settings.direct_dispatch:  # predict and infer skip FastAPI's machinery, not ours
         routes = (*v1.router.routes, *v2.router.routes)

@@ -104,9 +104,9 @@ class DataPlane:
         if self.repository is None:
             return []
         models = []
-        for entry in self.repository.list_models():
-            for version in entry["versions"]:
-                models.append(self.repository.get(entry["name"], version))
+        for name, versions in self.repository.available().items():
+            for version in versions:
+                models.append(self.repository.get(name, version))
         return models
 
     def _publish_model(self, model: LoadedModel) -> None:
@@ -119,7 +119,8 @@ class DataPlane:
         self.metrics.model_fallback.set(1 if choice.fell_back else 0, **labels)
 
     def models_changed(self, removed: Iterable[LoadedModel] = ()) -> None:
-        """Provider metrics after the management API changed the loaded versions: drop the
+        """Provider metrics after the loaded versions changed (a management operation, or a
+        change on disk that the poller followed): drop the
         gauges of ``removed`` versions that are gone, publish those loaded now."""
         loaded = self._loaded_models()
         keep = {(m.name, m.version) for m in loaded}

@@ -1,10 +1,23 @@
 """Model management, independent of HTTP: upload, load, unload, delete, default, reload.
 
+The repository on disk is the truth (``service.core.repository``). Every operation writes the
+disk first, under the repository's cross-process lock (``repository_lock``, taken in a
+thread): the model file, and the model's ``state.json`` (the pinned default, the versions
+unloaded at run time). Then it syncs its own process from the disk and answers, so the
+answer comes once this process serves the change. Every other worker, and every replica on
+the same volume, picks the change up by polling (``poll``, every ``repository_poll_s``): the
+disk's ``fingerprint`` (stats only) is compared with the last one seen, and when it differs
+the repository syncs. Nobody is told over a side channel. The process that made a change
+finds nothing left to do at its next poll: what it loaded is recorded with its file's stat.
+
 Safety rules, in the order an upload meets them:
 
 1. **Staged, never in place.** The body streams into ``<root>/.staging/upload-*/model.onnx``
    (same file system as the repository, so the final move is a rename; ``discover`` skips
-   dot-folders) with a size limit, then ``fsync``.
+   dot-folders) with a size limit, then ``fsync``. The staging folder is held by an exclusive
+   ``flock`` on its lock file beside it (``upload-*.lock``) while in use; ``clean_staging``
+   (at every worker's start) removes the folders nobody holds: leftovers of an interrupted
+   upload, never one in progress in another worker or replica.
 2. **Validated before it serves.** The staged file is loaded (ONNX check, our metadata,
    labels against the output, the input), its preprocessing is checked against the input
    shape, and it runs on zeros with and without statistics (a warm-up that must succeed).
@@ -12,29 +25,35 @@ Safety rules, in the order an upload meets them:
    before.
 3. **Installed atomically.** A new version folder is renamed into place whole
    (``os.replace``); a replaced file is renamed over the old one; then the parent folder is
-   fsynced. A crash at any point leaves either the old state or the new one on disk, plus at
-   worst a leftover in ``.staging/`` that nothing reads.
+   fsynced; then ``state.json`` is written the same way. A crash at any point leaves either
+   the old state or the new one on disk, plus at worst a leftover in ``.staging/`` that
+   nothing reads and the next start removes.
 4. **Published in one step.** Only then does the repository publish a new state (one
    assignment): requests see the old version or the complete new one, never a half-loaded
    one. Replaced or unloaded versions are never closed: requests holding them finish on them.
 
-Operations are serialized by one ``asyncio.Lock``; slow work (loading, fsync) runs in worker
-threads, and every change of the repository's state is published from the event loop
-thread, so synchronous code on the loop (a metrics scrape, a route) never sees the table
-change in the middle of it.
+Operations and the poller are serialized in the process by one ``asyncio.Lock``, across
+processes by the repository lock; slow work (loading, fsync, waiting for the other
+processes' lock) runs in worker threads, and every change of the repository's state is
+published from the event loop thread, so synchronous code on the loop (a metrics scrape, a
+route) never sees the table change in the middle of it. A read-only repository keeps
+serving and polling; its management writes answer 507.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio.to_thread
 import numpy as np
@@ -49,10 +68,16 @@ from service.core.errors import (
     UnprocessableError,
 )
 from service.core.repository import (
+    LATEST,
     MODEL_FILENAME,
+    FileKey,
     ModelNotFoundError,
     ModelRepository,
+    ModelState,
     canonical_version,
+    file_key,
+    fsync_dir,
+    repository_lock,
 )
 from service.runtime.loaded_model import LoadedModel, ModelLoadError
 
@@ -62,6 +87,8 @@ logger = logging.getLogger(__name__)
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 VERSION_PATTERN = r"^0*[1-9][0-9]{0,8}$"
 STAGING_DIR = ".staging"
+LOCK_SUFFIX = ".lock"  # a staging folder's lock file: <folder>.lock beside it
+T = TypeVar("T")
 # Guess for dynamic non-batch input dims the metadata does not size (as LoadedModel.warm_up).
 _GUESSED_DIM = 32
 _WARMUP_BATCH = 2  # > 1: proves the batch axis is really dynamic
@@ -100,15 +127,6 @@ def check_version(version: str | int) -> str:
             f"invalid version {version!r}: versions are positive integers", code="invalid_version"
         )
     return canonical_version(text)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable (POSIX: fsync the directory)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _storage_error(action: str, exc: OSError) -> StorageError:
@@ -196,13 +214,101 @@ def check_servable(model: LoadedModel) -> None:
             raise ModelLoadError(path, "a run on zeros gave non-finite outputs")
 
 
-class ModelManager:
-    """Management operations on the data plane's repository; each returns a JSON-ready dict."""
+class StagingFolder:
+    """A new folder in ``<root>/.staging`` that this process holds while it exists.
 
-    def __init__(self, plane: DataPlane, max_upload_bytes: int) -> None:
+    Its lock file beside it (``<folder>.lock``) is created and locked (``flock``, exclusive)
+    before the folder exists, and released after the folder is gone, so ``clean_staging`` in
+    any process can tell a folder in use from an abandoned one by trying the lock.
+    """
+
+    def __init__(self, root: Path, prefix: str) -> None:
+        staging = root / STAGING_DIR
+        staging.mkdir(exist_ok=True)
+        while True:
+            fd, lock_path = tempfile.mkstemp(prefix=prefix, suffix=LOCK_SUFFIX, dir=staging)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            # A clean-up that raced us may have removed the file before we locked it: then
+            # the lock guards nothing; start again with a new name.
+            if _same_file(fd, Path(lock_path)):
+                break
+            os.close(fd)
+        self._fd = fd
+        self.lock_path = Path(lock_path)
+        self.path = self.lock_path.with_name(self.lock_path.name.removesuffix(LOCK_SUFFIX))
+        try:
+            self.path.mkdir()
+        except OSError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Remove the folder (what is still in it), then its lock file; release the lock."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.unlink(self.lock_path)
+        os.close(self._fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except OSError:
+        return False
+
+
+def clean_staging(root: Path) -> list[str]:
+    """Remove the abandoned entries of ``<root>/.staging``: each folder (or lock file alone)
+    whose lock file this process can lock is held by nobody (an upload or delete that was
+    interrupted: a crash, a kill) and goes; one locked by another process (a worker or a
+    replica mid-upload) stays. Returns the names removed. Never raises: a read-only or
+    missing folder leaves nothing to do."""
+    staging = root / STAGING_DIR
+    try:
+        names = os.listdir(staging)
+    except OSError:
+        return []
+    removed = []
+    for base in sorted({name.removesuffix(LOCK_SUFFIX) for name in names}):
+        lock_path = staging / (base + LOCK_SUFFIX)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            logger.warning("cannot clean %s: %s", staging / base, exc)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: in use by another process
+            os.close(fd)
+            continue
+        try:
+            path = staging / base
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+            os.unlink(lock_path)
+            removed.append(base)
+        except OSError as exc:
+            logger.warning("cannot clean %s: %s", staging / base, exc)
+        finally:
+            os.close(fd)
+    if removed:
+        logger.info("removed %d abandoned staging folder(s) in %s", len(removed), staging)
+    return removed
+
+
+class ModelManager:
+    """Management operations on the data plane's repository (each returns a JSON-ready
+    dict), and the poller that keeps this process on what the repository holds."""
+
+    def __init__(self, plane: DataPlane, max_upload_bytes: int, poll_s: float = 2.0) -> None:
         self.plane = plane
         self.max_upload_bytes = max_upload_bytes
+        self.poll_s = poll_s
         self._lock = asyncio.Lock()
+        self._seen: tuple[Any, ...] | None = None  # the disk's fingerprint at the last sync
+        self._poller: asyncio.Task[None] | None = None
 
     @property
     def repository(self) -> ModelRepository:
@@ -211,41 +317,79 @@ class ModelManager:
             raise ServiceUnavailableError("models are still loading; try again shortly")
         return self.plane.repository
 
+    # ------------------------------------------------------------------ following the disk
+
+    async def start(self) -> None:
+        """Once the models are loaded: remove abandoned staging folders, start polling."""
+        await anyio.to_thread.run_sync(clean_staging, self.repository.root)
+        self._poller = asyncio.create_task(self._poll_forever(), name="repository-poller")
+
+    async def stop(self) -> None:
+        """Stop polling (a sync in progress is abandoned; nothing it loaded was published)."""
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                await self.poll()
+            except Exception:  # a bad look at the disk must not end the polling
+                logger.exception("polling the model repository %s", self.repository.root)
+
+    async def poll(self) -> dict[str, list[str]] | None:
+        """One look at the disk: when its fingerprint changed since the last sync, sync
+        (every model) and return what changed; None when nothing on disk changed."""
+        repo = self.repository
+        async with self._lock:
+            fingerprint = await anyio.to_thread.run_sync(repo.fingerprint)
+            if fingerprint == self._seen:
+                return None
+            changes = await self._sync()
+            self._seen = fingerprint  # taken before the sync: a later change shows next time
+            if any(changes.values()):
+                logger.info("repository changed on disk: %s", changes)
+            return changes
+
+    async def _sync(
+        self,
+        only: str | None = None,
+        preloaded: Mapping[tuple[str, str], tuple[LoadedModel, FileKey | None]] | None = None,
+    ) -> dict[str, list[str]]:
+        """Make this process serve what the disk says (model ``only``, or all): load in a
+        thread, publish on the event loop. Call under ``self._lock``."""
+        repo = self.repository
+        try:
+            plan = await anyio.to_thread.run_sync(repo.plan_sync, only, preloaded)
+        except ModelLoadError as exc:  # the root folder itself is gone
+            raise _storage_error("read the model repository", OSError(exc.reason)) from exc
+        changes = repo.apply_sync(plan)
+        self.plane.models_changed(removed=plan.removed)
+        return changes
+
+    async def _write(self, action: str, work: Callable[[], T]) -> T:
+        """Run ``work`` (a change of the disk) in a thread under the repository lock; 507
+        when the repository cannot be written."""
+        root = self.repository.root
+
+        def locked() -> T:
+            with repository_lock(root):
+                return work()
+
+        try:
+            return await anyio.to_thread.run_sync(locked)
+        except OSError as exc:
+            raise _storage_error(action, exc) from exc
+
     # ------------------------------------------------------------------ reading
 
     def index(self) -> dict[str, Any]:
         """Every model version on disk or loaded: its state (READY, UNLOADED or
         UNAVAILABLE with the reason), and each model's default version."""
-        repo = self.repository
-        loaded = repo.available()
-        on_disk = repo.discover_or_empty()
-        pinned = repo.pinned_versions()
-        failures = repo.failures
-        models = []
-        for name in sorted(set(loaded) | set(on_disk)):
-            versions = []
-            numbers = set(loaded.get(name, [])) | set(on_disk.get(name, []))
-            for version in sorted(numbers, key=int):
-                path = repo.version_path(name, version)
-                entry: dict[str, Any] = {"version": version, "on_disk": path.is_file()}
-                if version in loaded.get(name, []):
-                    entry["state"] = "READY"
-                    entry["sha256"] = repo.get(name, version).sha256
-                elif str(path) in failures:
-                    entry["state"] = "UNAVAILABLE"
-                    entry["reason"] = failures[str(path)]
-                else:
-                    entry["state"] = "UNLOADED"
-                versions.append(entry)
-            models.append(
-                {
-                    "name": name,
-                    "default": repo.default_version(name) if name in loaded else None,
-                    "pinned": pinned.get(name),
-                    "versions": versions,
-                }
-            )
-        return {"models": models}
+        return {"models": self.repository.index()}
 
     def _model_summary(self, name: str) -> dict[str, Any]:
         repo = self.repository
@@ -256,6 +400,29 @@ class ModelManager:
             "default": repo.default_version(name) if versions else None,
             "pinned": repo.pinned_versions().get(name),
         }
+
+    def _with_default(
+        self, state: ModelState, name: str, version: str, default: bool | None
+    ) -> ModelState:
+        """``state`` after a version is added with ``default``: True pins it; False keeps
+        the current default serving (pinning it); None changes nothing."""
+        repo = self.repository
+        if default:
+            return replace(state, default=version)
+        if default is False and name in repo.names():
+            return replace(state, default=repo.default_version(name))
+        return state
+
+    def _refuse_default(self, state: ModelState, name: str, version: str) -> None:
+        """409 when ``version`` is the pinned default and other versions serve."""
+        repo = self.repository
+        others = [v for v in repo.available().get(name, []) if v != version]
+        if self.repository.pin_of(name, state) == version and others:
+            raise ConflictError(
+                f"version {version} is the default version of model {name!r}; "
+                "set another default version first",
+                code="version_is_default",
+            )
 
     # ------------------------------------------------------------------ upload
 
@@ -278,24 +445,23 @@ class ModelManager:
         try:
             async with self._lock:
                 version = wanted or self._next_version(repo, name)
-                target = repo.version_path(name, version)
-                replaced = target.is_file()
-                if replaced and not overwrite:
-                    raise ConflictError(
-                        f"model {name!r} already has version {version}; send overwrite=true "
-                        "to replace it, or upload another version",
-                        code="version_exists",
+                self._check_free(repo, name, version, overwrite)  # before the slow part
+                model = await self._validate(staged.path / MODEL_FILENAME, name, version)
+
+                def install() -> tuple[bool, FileKey | None]:
+                    replaced = self._check_free(repo, name, version, overwrite)  # the truth
+                    self._install(repo, staged.path, name, version)
+                    repo.update_model_state(
+                        name,
+                        lambda s: self._with_default(
+                            replace(s, unloaded=s.unloaded - {version}), name, version, default
+                        ),
                     )
-                model = await self._validate(staged / MODEL_FILENAME, name, version)
-                try:
-                    await anyio.to_thread.run_sync(self._install, repo, staged, name, version)
-                except OSError as exc:
-                    raise _storage_error("install the uploaded file", exc) from exc
+                    return replaced, file_key(repo.version_path(name, version))
+
+                replaced, key = await self._write("install the uploaded file", install)
                 model.path = repo.version_path(name, version)  # the same bytes, now in place
-                previous = repo.available().get(name, [])
-                old = repo.get(name, version) if version in previous else None
-                repo.add_version(model, default=default)
-                self.plane.models_changed(removed=[old] if old else [])
+                await self._sync(name, {(name, version): (model, key)})
                 logger.info(
                     "management: %s model %s version %s (sha256 %s)",
                     "replaced" if replaced else "added",
@@ -312,21 +478,31 @@ class ModelManager:
                     "default": repo.default_version(name),
                 }
         finally:
-            shutil.rmtree(staged, ignore_errors=True)
+            staged.close()
 
-    async def _stage(self, root: Path, chunks: AsyncIterable[bytes]) -> Path:
+    @staticmethod
+    def _check_free(repo: ModelRepository, name: str, version: str, overwrite: bool) -> bool:
+        """409 if ``version`` exists on disk and not ``overwrite``; whether it exists."""
+        exists = repo.version_path(name, version).is_file()
+        if exists and not overwrite:
+            raise ConflictError(
+                f"model {name!r} already has version {version}; send overwrite=true "
+                "to replace it, or upload another version",
+                code="version_exists",
+            )
+        return exists
+
+    async def _stage(self, root: Path, chunks: AsyncIterable[bytes]) -> StagingFolder:
         """Stream ``chunks`` into a new staging folder's model file, fsynced; the folder."""
         try:
-            staging = root / STAGING_DIR
-            staging.mkdir(exist_ok=True)
-            folder = Path(tempfile.mkdtemp(prefix="upload-", dir=staging))
+            staged = StagingFolder(root, "upload-")
         except OSError as exc:
             raise _storage_error("stage an upload", exc) from exc
         size = 0
         try:
-            file = open(folder / MODEL_FILENAME, "wb")  # noqa: SIM115 - closed below
+            file = open(staged.path / MODEL_FILENAME, "wb")  # noqa: SIM115 - closed below
         except OSError as exc:
-            shutil.rmtree(folder, ignore_errors=True)
+            staged.close()
             raise _storage_error("stage an upload", exc) from exc
         try:
             with file:
@@ -345,9 +521,9 @@ class ModelManager:
                     )
                 await anyio.to_thread.run_sync(_sync, file)
         except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
+            staged.close()
             raise
-        return folder
+        return staged
 
     async def _validate(self, path: Path, name: str, version: str) -> LoadedModel:
         """Load, warm up and check a file as ``name``/``version``: 422 naming the problem."""
@@ -394,17 +570,18 @@ class ModelManager:
         target = repo.version_path(name, version)
         if target.parent.is_dir():  # replace the file inside the existing version folder
             os.replace(staged / MODEL_FILENAME, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         else:  # a new version: rename the whole staged folder into place
             os.replace(staged, target.parent)
-            _fsync_dir(model_dir)
+            fsync_dir(model_dir)
         if created:
-            _fsync_dir(repo.root)
+            fsync_dir(repo.root)
 
     # ------------------------------------------------------------------ load, unload
 
     async def load(self, name: str, version: str | int, default: bool | None = None) -> dict:
-        """Load (or reload) one version from its file on disk, validated like an upload."""
+        """Load (or reload) one version from its file on disk, validated like an upload; it
+        stays loaded (it leaves the state file's unloaded versions)."""
         check_name(name)
         version = check_version(version)
         async with self._lock:
@@ -417,25 +594,39 @@ class ModelManager:
                     f"{', '.join(disk) or 'none'}",
                     code="model_not_found",
                 )
+            key = file_key(path)  # before reading it
             model = await self._validate(path, name, version)
-            old = repo.get(name, version) if version in repo.available().get(name, []) else None
-            repo.add_version(model, default=default)
-            self.plane.models_changed(removed=[old] if old else [])
-            return {"model": name, "version": version, "state": "READY", "sha256": model.sha256}
+
+            def write() -> None:
+                repo.update_model_state(
+                    name,
+                    lambda s: self._with_default(
+                        replace(s, unloaded=s.unloaded - {version}), name, version, default
+                    ),
+                )
+
+            await self._write("record the load", write)
+            await self._sync(name, {(name, version): (model, key)})
+            served = repo.get(name, version)
+            return {"model": name, "version": version, "state": "READY", "sha256": served.sha256}
 
     async def unload(self, name: str, version: str | int) -> dict[str, Any]:
-        """Stop serving one version; its file stays (``reload`` would load it again)."""
+        """Stop serving one version, in every process: it is recorded as unloaded in the
+        state file (its file stays; ``load`` brings it back, a restart keeps it unloaded)."""
+        check_name(name)
         version = check_version(version)
         async with self._lock:
-            model = self._unload(name, version)
-            self.plane.models_changed(removed=[model])
-            return {"model": name, "version": version, "state": "UNLOADED"}
+            repo = self.repository
+            repo.get(name, version)  # 404 unless this process serves it
 
-    def _unload(self, name: str, version: str) -> LoadedModel:
-        try:
-            return self.repository.unload_version(name, version)
-        except ValueError as exc:  # the pinned default
-            raise ConflictError(str(exc), code="version_is_default") from None
+            def write() -> None:
+                state = repo.model_state(name)
+                self._refuse_default(state, name, version)
+                repo.update_model_state(name, lambda s: replace(s, unloaded=s.unloaded | {version}))
+
+            await self._write("record the unload", write)
+            await self._sync(name)
+            return {"model": name, "version": version, "state": "UNLOADED"}
 
     async def delete(self, name: str, version: str | int) -> dict[str, Any]:
         """Unload one version and remove its folder from disk (renamed away first, so a
@@ -444,67 +635,85 @@ class ModelManager:
         version = check_version(version)
         async with self._lock:
             repo = self.repository
-            path = repo.version_path(name, version)
-            loaded = version in repo.available().get(name, [])
-            if not loaded and not path.parent.is_dir():
-                raise ModelNotFoundError(name, version, repo.discover_or_empty())
-            if loaded:
-                model = self._unload(name, version)
-                self.plane.models_changed(removed=[model])
-            if path.parent.is_dir():
 
-                def remove() -> None:
-                    trash = Path(tempfile.mkdtemp(prefix="deleted-", dir=repo.root / STAGING_DIR))
-                    os.replace(path.parent, trash / version)
-                    _fsync_dir(path.parent.parent)
-                    shutil.rmtree(trash, ignore_errors=True)
+            def write() -> None:
+                path = repo.version_path(name, version)
+                on_disk = path.parent.is_dir()
+                if not on_disk and version not in repo.available().get(name, []):
+                    raise ModelNotFoundError(name, version, repo.discover_or_empty())
+                self._refuse_default(repo.model_state(name), name, version)
+                if on_disk:
+                    trash = StagingFolder(repo.root, "deleted-")
+                    try:
+                        os.replace(path.parent, trash.path / version)
+                        fsync_dir(path.parent.parent)
+                    finally:
+                        trash.close()
+                repo.update_model_state(
+                    name,
+                    lambda s: ModelState(
+                        default=None if s.default == version else s.default,
+                        unloaded=s.unloaded - {version},
+                    ),
+                )
 
-                try:
-                    (repo.root / STAGING_DIR).mkdir(exist_ok=True)
-                    await anyio.to_thread.run_sync(remove)
-                except OSError as exc:
-                    raise _storage_error("delete the version folder", exc) from exc
+            await self._write("delete the version folder", write)
+            await self._sync(name)
             return {"model": name, "version": version, "state": "DELETED"}
 
     async def set_default(self, name: str, version: str | int | None) -> dict[str, Any]:
-        """Pin the version that serves requests naming none; None unpins (highest serves)."""
-        if version is not None and str(version).strip() != "latest":
+        """Pin the version that serves requests naming none; None or "latest" unpins (the
+        highest serves, whatever ``default_versions`` says). Kept in the state file."""
+        check_name(name)
+        if version is not None and str(version).strip() != LATEST:
             version = check_version(version)
         async with self._lock:
-            previous = self.repository.default_version(name) if name in self._names() else None
-            self.repository.set_default(name, version)
+            repo = self.repository
+            previous = repo.default_version(name)  # 404 for an unknown model
+            pin = (
+                LATEST if version is None or version == LATEST else repo.get(name, version).version
+            )
+
+            def write() -> None:
+                repo.update_model_state(name, lambda s: replace(s, default=pin))
+
+            await self._write("record the default version", write)
+            await self._sync(name)
             return {**self._model_summary(name), "previous_default": previous}
 
-    def _names(self) -> list[str]:
-        return list(self.repository.available())
-
     async def reload(self, name: str | None = None) -> dict[str, Any]:
-        """Make what is loaded mirror the disk (one model, or all): new versions and changed
-        files load, vanished ones unload; broken files are reported and skipped."""
+        """Sync with the disk now (one model, or all), without waiting for the poller: new
+        versions and changed files load, vanished and unloaded ones drop; broken files are
+        reported and skipped."""
         if name is not None:
             check_name(name)
         async with self._lock:
-            repo = self.repository
-            try:
-                plan = await anyio.to_thread.run_sync(repo.plan_reload, name)
-            except ModelLoadError as exc:  # the root folder itself is gone
-                raise _storage_error("read the model repository", OSError(exc.reason)) from exc
-            changes = repo.apply_reload(plan)
-            self.plane.models_changed(removed=plan.removed)
-            failed = {
-                key: reason
-                for key, reason in repo.failures.items()
-                if name is None or Path(key).parent.parent.name == name
-            }
-            return {**changes, "failures": failed}
+            return await self._reload(name)
+
+    async def _reload(self, name: str | None) -> dict[str, Any]:
+        changes = await self._sync(name)
+        failed = {
+            key: reason
+            for key, reason in self.repository.failures.items()
+            if name is None or Path(key).parent.parent.name == name
+        }
+        return {**changes, "failures": failed}
 
     async def load_model(self, name: str) -> dict[str, Any]:
         """Load or reload every version of a model from disk (Triton's repository ``load``):
-        400 when none is on disk, or when none of them loads (naming why)."""
-        result = await self.reload(name)
-        if not self.repository.available().get(name):
-            if not self.repository.discover_or_empty().get(name):
+        none stays unloaded. 400 when none is on disk, or when none of them loads."""
+        check_name(name)
+        async with self._lock:
+            repo = self.repository
+            if not repo.discover_or_empty().get(name):
                 raise BadRequestError(f"model {name!r} has no version on disk to load")
+
+            def write() -> None:
+                repo.update_model_state(name, lambda s: replace(s, unloaded=frozenset()))
+
+            await self._write("record the load", write)
+            result = await self._reload(name)
+        if not self.repository.available().get(name):
             raise BadRequestError(
                 f"model {name!r} failed to load: {'; '.join(result['failures'].values())}"
             )
@@ -520,14 +729,19 @@ class ModelManager:
             await self.upload(name, version, one(), overwrite=True)
 
     async def unload_model(self, name: str) -> dict[str, Any]:
-        """Unload every version of a model (Triton's repository ``unload``)."""
+        """Unload every version of a model (Triton's repository ``unload``), in every
+        process; its run-time default is forgotten."""
         check_name(name)
         async with self._lock:
             repo = self.repository
             versions = repo.available().get(name)
             if not versions:
                 raise ModelNotFoundError(name, None, repo.available())
-            repo.set_default(name, None)
-            removed = [self._unload(name, v) for v in versions]
-            self.plane.models_changed(removed=removed)
+
+            def write() -> None:
+                every = set(versions) | set(repo.discover_or_empty().get(name, []))
+                repo.update_model_state(name, lambda s: ModelState(unloaded=frozenset(every)))
+
+            await self._write("record the unload", write)
+            await self._sync(name)
             return {"model": name, "unloaded": versions}

@@ -1,18 +1,30 @@
-"""The model repository: Triton's layout ``root/<name>/<version>/model.onnx``.
+"""The model repository: Triton's layout ``root/<name>/<version>/model.onnx``, and the truth.
 
 Versions are positive integers. A request without a version (or "latest") gets the model's
-*default* version: the one pinned with ``set_default`` (or ``default_versions`` at start-up),
-else the highest loaded. ``load_all`` loads and warms up every version it finds and only then
-publishes them.
+*default* version: the one pinned (at run time, else by ``default_versions``), else the
+highest loaded.
+
+The repository on disk is the truth; what a process serves follows it. Besides the model
+files, each model folder may hold ``state.json`` (``ModelState``): the default version pinned
+at run time and the versions unloaded at run time. A version folder dropped in by hand loads
+by itself (Triton's poll mode); an unloaded version stays unloaded, across restarts, until
+loaded again. Files and state are written atomically (a temporary file in the same folder,
+fsync, ``os.replace``, fsync of the folder), read-modify-writes under ``repository_lock``
+(an exclusive ``flock`` on ``<root>/.lock``), so several processes, and several replicas on
+one volume, never lose each other's changes. ``load_all`` loads what the disk says at start;
+``plan_sync`` and ``apply_sync`` (together ``sync``) make the published state equal to the
+disk again later: new versions and changed files load (a file is hashed only when its stat
+changed), versions that vanished or are unloaded in ``state.json`` drop, pins follow the
+state files; a file that fails to load is listed in ``failures`` and a loaded copy keeps
+serving. ``fingerprint`` is the cheap stat of all of it that tells a poller when to sync.
 
 Hot swaps. Everything a reader needs (the table of loaded models, the pinned defaults, the
 monitors) lives in one immutable ``_State`` that is replaced by a single assignment, never
 mutated: a reader takes ``self._state`` once and has a consistent view, and a version becomes
-visible only after it is fully loaded and warmed up. ``load_version``, ``add_version``,
-``unload_version``, ``set_default`` and ``reload`` build a new state under a lock (one change
-at a time) and publish it. Nothing is ever closed: an unloaded ``LoadedModel`` is only dropped
-from the table, and a request that already holds it finishes on it; its sessions are freed
-when the last reference goes (CPython's reference counting).
+visible only after it is fully loaded and warmed up. ``apply_sync`` publishes a new state
+under a lock (one change at a time). Nothing is ever closed: an unloaded ``LoadedModel`` is
+only dropped from the table, and a request that already holds it finishes on it; its sessions
+are freed when the last reference goes (CPython's reference counting).
 
 One ``ActivationMonitor`` per model name, bound to the version that serves by default: when a
 change makes another version the default, the monitor is replaced, since its layers and
@@ -22,13 +34,19 @@ to other versions do not mix into the rolling statistics.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import json
 import logging
+import os
+import tempfile
 import threading
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,10 +56,12 @@ from service.runtime.loaded_model import LoadedModel, ModelLoadError
 log = logging.getLogger(__name__)
 
 MODEL_FILENAME = "model.onnx"
+STATE_FILENAME = "state.json"
+LOCK_FILENAME = ".lock"
 LATEST = "latest"
 DEFAULT_WINDOW = 1000
 
-__all__ = ["ModelLoadError", "ModelNotFoundError", "ModelRepository"]
+__all__ = ["ModelLoadError", "ModelNotFoundError", "ModelRepository", "ModelState"]
 
 
 class ModelNotFoundError(LookupError):
@@ -84,16 +104,122 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# A model file's stat as a poller compares it: (mtime_ns, size, inode); None when absent.
+FileKey = tuple[int, int, int]
+
+
+def file_key(path: Path) -> FileKey | None:
+    """The stat of ``path`` that changes when the file is written or replaced; None if none."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (POSIX: fsync the directory)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """A model's run-time state, kept in ``<root>/<name>/state.json``.
+
+    ``default``: None when no default was set at run time (``default_versions`` applies), a
+    version when one was pinned, ``LATEST`` when it was unpinned at run time (the highest
+    serves, whatever the setting says). ``unloaded``: versions unloaded at run time; they
+    stay unloaded, across restarts, until loaded again. File format::
+
+        {"default": "3", "unloaded": ["1"]}
+    """
+
+    default: str | None = None
+    unloaded: frozenset[str] = frozenset()
+
+    def to_json(self) -> dict[str, Any]:
+        """The file's JSON object (``default`` left out when not set at run time)."""
+        data: dict[str, Any] = {"unloaded": sorted(self.unloaded, key=_version_key)}
+        if self.default is not None:
+            data = {"default": self.default, **data}
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any) -> ModelState:
+        """Parse the file's JSON; ValueError naming what is wrong."""
+        if not isinstance(data, dict):
+            raise ValueError("the state must be a JSON object")
+        default = data.get("default")
+        if default is not None:
+            default = LATEST if str(default) == LATEST else canonical_version(default)
+        unloaded = data.get("unloaded", [])
+        if not isinstance(unloaded, list):
+            raise ValueError("'unloaded' must be a list of versions")
+        return cls(default=default, unloaded=frozenset(canonical_version(v) for v in unloaded))
+
+
+def read_model_state(model_dir: Path) -> ModelState:
+    """The state in ``model_dir/state.json``; empty when missing. A corrupt file never stops
+    the service: it is logged and read as empty."""
+    path = model_dir / STATE_FILENAME
+    try:
+        return ModelState.from_json(json.loads(path.read_bytes()))
+    except FileNotFoundError:
+        return ModelState()
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeError are ValueErrors
+        log.error("ignoring %s, read as empty: %s", path, exc)
+        return ModelState()
+
+
+def write_model_state(model_dir: Path, state: ModelState) -> None:
+    """Write ``state`` atomically: a temporary file in the same folder, fsync, ``os.replace``,
+    fsync of the folder. Hold ``repository_lock`` around the read-modify-write."""
+    model_dir.mkdir(exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=model_dir)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(json.dumps(state.to_json()).encode() + b"\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, model_dir / STATE_FILENAME)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    fsync_dir(model_dir)
+
+
+@contextlib.contextmanager
+def repository_lock(root: Path) -> Iterator[None]:
+    """Hold the repository's exclusive lock (``flock`` on ``<root>/.lock``): one change of
+    the disk at a time across processes and replicas. Blocks while another holds it, so take
+    it in a thread. OSError when the lock file cannot be created (a read-only repository)."""
+    fd = os.open(root / LOCK_FILENAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 Monitors = dict[str, tuple[LoadedModel, ActivationMonitor]]
+Table = dict[str, dict[str, LoadedModel]]
 
 
 @dataclass(frozen=True)
 class _State:
-    """What readers see, replaced as a whole: loaded versions, pinned defaults, monitors."""
+    """What readers see, replaced as a whole: loaded versions, pinned defaults, monitors, and
+    what they were loaded from (each version's file stat, each model's state file)."""
 
-    models: dict[str, dict[str, LoadedModel]] = field(default_factory=dict)
+    models: Table = field(default_factory=dict)
     pinned: dict[str, str] = field(default_factory=dict)  # name -> version set as default
     monitors: Monitors = field(default_factory=dict)
+    keys: dict[tuple[str, str], FileKey | None] = field(default_factory=dict)
+    states: dict[str, ModelState] = field(default_factory=dict)
 
     def default_of(self, name: str) -> str:
         """The version that serves ``name`` when no version is asked for."""
@@ -113,11 +239,15 @@ class _State:
 
 
 @dataclass
-class ReloadPlan:
-    """What ``reload`` would publish: the new table, failures, changes, dropped models."""
+class SyncPlan:
+    """What ``apply_sync`` would publish: the new table, the stat of each loaded file, the
+    state files read, failures, changes, and the models dropped."""
 
     base: _State
-    table: dict[str, dict[str, LoadedModel]] = field(default_factory=dict)
+    only: str | None = None
+    table: Table = field(default_factory=dict)
+    keys: dict[tuple[str, str], FileKey | None] = field(default_factory=dict)
+    states: dict[str, ModelState] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     changes: dict[str, list[str]] = field(
         default_factory=lambda: {"loaded": [], "unloaded": [], "failed": []}
@@ -126,7 +256,8 @@ class ReloadPlan:
 
 
 class ModelRepository:
-    """Every version of every model under ``root``, loaded, warmed up and monitored."""
+    """Every version of every model under ``root``, loaded, warmed up and monitored, as the
+    files and state files on disk say."""
 
     def __init__(
         self,
@@ -151,11 +282,13 @@ class ModelRepository:
         self.drift_threshold = drift_threshold
         self.share_weights = share_weights
         self.skip_broken = skip_broken
-        self._state = _State(
-            pinned={name: canonical_version(v) for name, v in (default_versions or {}).items()}
-        )
+        # The setting's pins: they apply to models whose state file sets no default.
+        self.configured_defaults = {
+            name: canonical_version(v) for name, v in (default_versions or {}).items()
+        }
+        self._state = _State(pinned=dict(self.configured_defaults))
         self._change_lock = threading.RLock()  # one change at a time; readers never wait
-        self.failures: dict[str, str] = {}  # file -> reason, with skip_broken
+        self.failures: dict[str, str] = {}  # file -> reason of the last failed load
         self._ready = False
 
     @property
@@ -186,6 +319,24 @@ class ModelRepository:
                 found[model_dir.name] = sorted(versions, key=_version_key)
         return found
 
+    def fingerprint(self) -> tuple[Any, ...]:
+        """A cheap picture of the disk (stats only, nothing read): every model folder's state
+        file and version folders' model files. It changes when a sync could change anything."""
+        entries: list[tuple[str, str, FileKey | None]] = []
+        try:
+            model_dirs = sorted(e.name for e in os.scandir(self.root) if e.is_dir())
+        except OSError:
+            return ()
+        for name in model_dirs:
+            if name.startswith("."):
+                continue
+            model_dir = self.root / name
+            entries.append((name, "", file_key(model_dir / STATE_FILENAME)))
+            with contextlib.suppress(OSError):  # removed meanwhile: the next look sees it
+                for version in sorted(e.name for e in os.scandir(model_dir) if e.is_dir()):
+                    entries.append((name, version, file_key(model_dir / version / MODEL_FILENAME)))
+        return tuple(entries)
+
     def version_path(self, name: str, version: str) -> Path:
         """The model file of ``name``/``version`` on disk (the folder may be named "01")."""
         path = self.root / name / version / MODEL_FILENAME
@@ -201,6 +352,40 @@ class ModelRepository:
             ),
             path,
         )
+
+    # ---- the state files (write under repository_lock) -------------------------------------
+
+    def model_state(self, name: str) -> ModelState:
+        """Model ``name``'s state file as it is on disk now (empty when none)."""
+        return read_model_state(self.root / name)
+
+    def update_model_state(
+        self, name: str, change: Callable[[ModelState], ModelState]
+    ) -> ModelState:
+        """Read model ``name``'s state file, apply ``change``, write it back atomically (only
+        when it changed). Hold ``repository_lock`` around it. Returns the new state."""
+        before = self.model_state(name)
+        after = change(before)
+        if after != before:
+            write_model_state(self.root / name, after)
+        return after
+
+    def pin_of(self, name: str, state: ModelState) -> str | None:
+        """The version pinned as ``name``'s default: the state file's, else the setting's."""
+        if state.default is not None:
+            return None if state.default == LATEST else state.default
+        return self.configured_defaults.get(name)
+
+    def _pins(self, table: Table, states: Mapping[str, ModelState]) -> dict[str, str]:
+        """The pins in effect: those naming a loaded version."""
+        pins = {}
+        for name, versions in table.items():
+            pin = self.pin_of(name, states.get(name, ModelState()))
+            if pin is not None and pin in versions:
+                pins[name] = pin
+        return pins
+
+    # ---- loading ---------------------------------------------------------------------------
 
     def providers_for(self, name: str) -> str | Sequence[str]:
         """The execution providers model ``name`` is loaded with (a hook for overrides)."""
@@ -230,15 +415,24 @@ class ModelRepository:
         return model
 
     def load_all(self) -> None:
-        """Load and warm up every version found, then publish them all at once.
+        """Load and warm up every version the disk says serves (found, and not unloaded in
+        its state file), then publish them all at once with the pins of the state files.
 
         A broken file raises ``ModelLoadError`` naming it (nothing is published), unless
         ``skip_broken``: then it is logged, listed in ``failures`` and left out.
         """
-        table: dict[str, dict[str, LoadedModel]] = {}
+        table: Table = {}
+        keys: dict[tuple[str, str], FileKey | None] = {}
         failures: dict[str, str] = {}
-        for name, versions in self.discover().items():
+        found = self.discover()
+        states = {name: self.model_state(name) for name in found}
+        for name, versions in found.items():
             for version in versions:
+                if version in states[name].unloaded:
+                    log.info("model %s version %s stays unloaded (%s)", name, version,
+                             STATE_FILENAME)  # fmt: skip
+                    continue
+                key = file_key(self.version_path(name, version))  # before reading it
                 try:
                     loaded = self._load_version(name, version)
                 except ModelLoadError as exc:
@@ -248,31 +442,45 @@ class ModelRepository:
                     failures[str(exc.path)] = exc.reason
                     continue
                 table.setdefault(name, {})[version] = loaded
+                keys[(name, version)] = key
                 log.info(
                     "loaded model %s version %s (%d activation layers, providers %s)",
                     name, version, len(loaded.layers), ", ".join(loaded.providers.used),
                 )  # fmt: skip
         if not table:
             log.warning("model repository %s holds no loadable model", self.root)
+        self._check_pins(found, states)
         with self._change_lock:
-            self._check_pins(table, self._state.pinned)
-            self._publish(table, self._state.pinned)
+            self._publish(table, self._pins(table, states), keys, states)
             self.failures = failures
         self._ready = True
 
-    def _check_pins(self, table: Mapping[str, Mapping[str, LoadedModel]], pinned: Mapping) -> None:
-        for name, version in pinned.items():
-            if name in table and version not in table[name]:
+    def _check_pins(self, found: Mapping[str, Sequence[str]], states: Mapping) -> None:
+        """The setting's pins must name versions on disk (where no state file overrides)."""
+        for name, version in self.configured_defaults.items():
+            overridden = states.get(name, ModelState()).default is not None
+            if name in found and version not in found[name] and not overridden:
                 raise ModelLoadError(
                     self.root / name,
                     f"default version {version} of model {name!r} is not in the repository "
-                    f"(default_versions); versions: {', '.join(sorted(table[name], key=int))}",
+                    f"(default_versions); versions: {', '.join(found[name])}",
                 )
 
-    def _publish(self, table: dict[str, dict[str, LoadedModel]], pinned: Mapping[str, str]) -> None:
+    def _publish(
+        self,
+        table: Table,
+        pinned: Mapping[str, str],
+        keys: Mapping[tuple[str, str], FileKey | None] | None = None,
+        states: Mapping[str, ModelState] | None = None,
+    ) -> None:
         """Replace the state (one assignment); re-bind monitors whose default changed."""
         current = self._state
-        next_state = _State(models=table, pinned=dict(pinned))
+        next_state = _State(
+            models=table,
+            pinned=dict(pinned),
+            keys=dict(current.keys if keys is None else keys),
+            states=dict(current.states if states is None else states),
+        )
         for name in table:
             default = table[name][next_state.default_of(name)]
             entry = current.monitors.get(name)
@@ -319,16 +527,64 @@ class ModelRepository:
         return self._state.models.keys()
 
     def pinned_versions(self) -> dict[str, str]:
-        """Models whose default was set explicitly -> that version."""
+        """Models whose default is pinned (at run time, or by the setting) -> that version."""
         return dict(self._state.pinned)
 
-    def list_models(self) -> list[dict]:
-        """Every loaded model: name, versions (ascending), latest (the default) version."""
+    def list_models(self) -> list[dict[str, Any]]:
+        """Every loaded model: name, versions (ascending), latest (the default) version, and
+        since several processes follow one disk, ``default``, ``pinned`` and ``states``: each
+        version on disk or loaded with its state (``version_states``)."""
         state = self._state
+        index = {entry["name"]: entry for entry in self.index()}
         return [
-            {"name": name, "versions": versions, "latest": state.default_of(name)}
+            {
+                "name": name,
+                "versions": versions,
+                "latest": state.default_of(name),
+                "default": state.default_of(name),
+                "pinned": state.pinned.get(name),
+                "states": [
+                    {k: v for k, v in entry.items() if k in ("version", "state", "reason")}
+                    for entry in index[name]["versions"]
+                ],
+            }
             for name, versions in self.available().items()
         ]
+
+    def index(self) -> list[dict[str, Any]]:
+        """Every model version on disk or loaded, per model: its state (READY: loaded here;
+        UNLOADED: unloaded at run time or not loaded yet; UNAVAILABLE: its file failed to
+        load, with the reason), ``on_disk``, the sha256 of what serves; and each model's
+        default and pinned version. The one source of ``/v1/models``' states, the management
+        index and Triton's repository index."""
+        state = self._state
+        failures = self.failures
+        on_disk = self.discover_or_empty()
+        models = []
+        for name in sorted(set(state.models) | set(on_disk)):
+            loaded = state.models.get(name, {})
+            versions = []
+            for version in sorted(set(loaded) | set(on_disk.get(name, [])), key=_version_key):
+                path = self.version_path(name, version)
+                entry: dict[str, Any] = {"version": version, "on_disk": path.is_file()}
+                if version in loaded:
+                    entry["state"] = "READY"
+                    entry["sha256"] = loaded[version].sha256
+                elif str(path) in failures:
+                    entry["state"] = "UNAVAILABLE"
+                    entry["reason"] = failures[str(path)]
+                else:
+                    entry["state"] = "UNLOADED"
+                versions.append(entry)
+            models.append(
+                {
+                    "name": name,
+                    "default": state.default_of(name) if loaded else None,
+                    "pinned": state.pinned.get(name),
+                    "versions": versions,
+                }
+            )
+        return models
 
     def monitor(self, name: str) -> ActivationMonitor:
         """The activation monitor of model ``name`` (bound to its default version)."""
@@ -346,129 +602,94 @@ class ModelRepository:
         entry[1].update(per_sample_active)
         return True
 
-    # ---- changing (one at a time; each publishes a new state or nothing) ------------------
+    # ---- following the disk (one change at a time; each publishes a new state or nothing) --
 
-    def add_version(self, model: LoadedModel, *, default: bool | None = None) -> None:
-        """Publish a loaded, warmed-up ``model`` (replacing a loaded version of the same
-        number). ``default``: True pins it as the default; False keeps the current default
-        serving (pinning it); None: the usual rule (pinned, else the highest)."""
+    def sync(self, only: str | None = None) -> dict[str, list[str]]:
+        """Make the published state equal to the disk (``plan_sync`` then ``apply_sync``)."""
         with self._change_lock:
-            state = self._state
-            pinned = dict(state.pinned)
-            if default is False and model.name in state.models:
-                pinned[model.name] = state.default_of(model.name)
-            elif default:
-                pinned[model.name] = model.version
-            table = dict(state.models)
-            table[model.name] = {**table.get(model.name, {}), model.version: model}
-            self._publish(table, pinned)
-            self.failures.pop(str(self.version_path(model.name, model.version)), None)
+            return self.apply_sync(self.plan_sync(only))
 
-    def load_version(
-        self, name: str, version: str | int, *, default: bool | None = None
-    ) -> LoadedModel:
-        """Load (or reload) one version from disk, warm it up, then publish it. A file that
-        fails raises ``ModelLoadError`` and changes nothing: a loaded copy keeps serving."""
-        version = canonical_version(version)
-        with self._change_lock:
-            if not self.version_path(name, version).is_file():
-                raise ModelNotFoundError(name, version, self.discover_or_empty())
-            model = self._load_version(name, version)
-            self.add_version(model, default=default)
-            return model
-
-    def unload_version(self, name: str, version: str | int) -> LoadedModel:
-        """Stop serving one version (its file stays). Requests already holding it finish on
-        it. Unloading the pinned default is refused (``ValueError``): set another first."""
-        version = canonical_version(version)
-        with self._change_lock:
-            state = self._state
-            model = self.get(name, version)
-            if state.pinned.get(name) == version and len(state.models[name]) > 1:
-                raise ValueError(
-                    f"version {version} is the default version of model {name!r}; "
-                    "set another default version first"
-                )
-            table = dict(state.models)
-            remaining = {v: m for v, m in table[name].items() if v != version}
-            pinned = dict(state.pinned)
-            if remaining:
-                table[name] = remaining
-            else:
-                del table[name]
-                pinned.pop(name, None)
-            self._publish(table, pinned)
-            return model
-
-    def set_default(self, name: str, version: str | int | None) -> str:
-        """Pin the version that serves requests naming none; ``None`` or "latest" unpins
-        (the highest serves). Returns the default version now."""
-        with self._change_lock:
-            state = self._state
-            if name not in state.models:
-                raise ModelNotFoundError(name, None, self.available())
-            pinned = dict(state.pinned)
-            if version is None or str(version).strip() == LATEST:
-                pinned.pop(name, None)
-            else:
-                pinned[name] = self.get(name, version).version  # 404 for an unknown version
-            self._publish(dict(state.models), pinned)
-            return self._state.default_of(name)
-
-    def reload(self) -> dict[str, list[str]]:
-        """Make the loaded set mirror the disk: load new versions and changed files (and
-        versions unloaded since), drop versions whose file is gone, keep unchanged ones as
-        they are. Loads everything first,
-        then publishes once; a broken file is skipped and listed in ``failures`` (its loaded
-        copy, if any, keeps serving). Returns what changed: loaded, unloaded, failed."""
-        with self._change_lock:
-            return self.apply_reload(self.plan_reload())
-
-    def plan_reload(self, only: str | None = None) -> ReloadPlan:
-        """The slow half of ``reload``: load what changed on disk (of model ``only``, or of
-        all), publish nothing."""
+    def plan_sync(
+        self,
+        only: str | None = None,
+        preloaded: Mapping[tuple[str, str], tuple[LoadedModel, FileKey | None]] | None = None,
+    ) -> SyncPlan:
+        """The slow half of ``sync`` (of model ``only``, or of all): read the state files,
+        load new versions and changed files, publish nothing. A loaded version whose file's
+        stat is unchanged is kept without reading it; a changed stat is hashed and loads
+        only when the bytes differ. ``preloaded``: versions already loaded from the file
+        with that stat (an upload's validated model), used instead of loading again. A file
+        that fails is listed in ``failures``; its loaded copy, if any, keeps serving."""
         state = self._state
-        plan = ReloadPlan(base=state)
+        preloaded = preloaded or {}
+        plan = SyncPlan(base=state, only=only)
         found = self.discover()
         if only is not None:
             found = {only: found[only]} if only in found else {}
-            plan.table = {n: v for n, v in state.models.items() if n != only}
+            plan.table = {n: dict(v) for n, v in state.models.items() if n != only}
+            plan.keys = {k: v for k, v in state.keys.items() if k[0] != only}
+            plan.states = {n: s for n, s in state.states.items() if n != only}
+            plan.failures = {
+                path: reason
+                for path, reason in self.failures.items()
+                if Path(path).parent.parent.name != only
+            }
         for name, versions in found.items():
+            disk = plan.states[name] = self.model_state(name)
             for version in versions:
-                current = state.models.get(name, {}).get(version)
-                path = self.version_path(name, version)
-                try:
-                    if current is not None and file_sha256(path) == current.sha256:
-                        plan.table.setdefault(name, {})[version] = current
-                        continue
-                    loaded = self._load_version(name, version)
-                except (ModelLoadError, OSError) as exc:
-                    reason = getattr(exc, "reason", None) or str(exc)
-                    log.error("reload: %s/%s: %s", name, version, reason)
-                    plan.failures[str(path)] = reason
-                    plan.changes["failed"].append(f"{name}/{version}")
-                    if current is not None:
-                        plan.table.setdefault(name, {})[version] = current
-                    continue
-                plan.table.setdefault(name, {})[version] = loaded
-                plan.changes["loaded"].append(f"{name}/{version}")
+                if version not in disk.unloaded:
+                    self._plan_version(plan, name, version, preloaded.get((name, version)))
         for name, loaded_versions in state.models.items():
             for version, model in loaded_versions.items():
-                if version not in plan.table.get(name, {}):  # gone from disk
+                if version not in plan.table.get(name, {}):  # gone from disk, or unloaded
                     plan.changes["unloaded"].append(f"{name}/{version}")
                     plan.removed.append(model)
         return plan
 
-    def apply_reload(self, plan: ReloadPlan) -> dict[str, list[str]]:
-        """The fast half of ``reload``: publish a plan (pins of vanished versions dropped).
-        Changes published since the plan was made are lost, so make and apply plans under
-        one lock (the management API serializes its operations)."""
+    def _plan_version(
+        self,
+        plan: SyncPlan,
+        name: str,
+        version: str,
+        preloaded: tuple[LoadedModel, FileKey | None] | None,
+    ) -> None:
+        """Put one version that should serve into ``plan``: kept, loaded, or failed."""
+        state = plan.base
+        current = state.models.get(name, {}).get(version)
+        path = self.version_path(name, version)
+        key = file_key(path)  # before reading: a write meanwhile shows at the next look
+        try:
+            if current is not None and key is not None and state.keys.get((name, version)) == key:
+                loaded = current  # unchanged stat: not even read
+            elif preloaded is not None and key is not None and preloaded[1] == key:
+                loaded = preloaded[0]
+            elif current is not None and file_sha256(path) == current.sha256:
+                loaded = current  # touched or copied, same bytes
+            else:
+                loaded = self._load_version(name, version)
+        except (ModelLoadError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or str(exc)
+            log.error("sync: %s/%s: %s", name, version, reason)
+            plan.failures[str(path)] = reason
+            plan.changes["failed"].append(f"{name}/{version}")
+            if current is not None:
+                plan.table.setdefault(name, {})[version] = current
+                plan.keys[(name, version)] = state.keys.get((name, version))
+            return
+        plan.table.setdefault(name, {})[version] = loaded
+        plan.keys[(name, version)] = key
+        if loaded is not current:
+            plan.changes["loaded"].append(f"{name}/{version}")
+            log.info("sync: loaded model %s version %s", name, version)
+
+    def apply_sync(self, plan: SyncPlan) -> dict[str, list[str]]:
+        """The fast half of ``sync``: publish a plan, with the pins its state files give.
+        Changes published since the plan was made would be lost, so make and apply plans
+        under one lock (the model manager serializes its operations and its poller)."""
         with self._change_lock:
             if self._state is not plan.base:
-                raise RuntimeError("the repository changed while a reload was planned")
-            state = self._state
-            pinned = {n: v for n, v in state.pinned.items() if v in plan.table.get(n, {})}
-            self._publish(plan.table, pinned)
+                raise RuntimeError("the repository changed while a sync was planned")
+            self._publish(plan.table, self._pins(plan.table, plan.states), plan.keys, plan.states)
             self.failures = plan.failures
             return plan.changes
 

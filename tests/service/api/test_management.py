@@ -55,11 +55,12 @@ def static_batch_model() -> bytes:
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """Every file under ``root`` outside .staging -> its SHA-256."""
+    """Every file under ``root`` outside .staging -> its SHA-256 (the repository's empty
+    lock file, which holds nothing, left out)."""
     return {
         p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and ".staging" not in p.parts
+        if p.is_file() and ".staging" not in p.parts and p != root / ".lock"
     }
 
 

@@ -29,9 +29,24 @@ def copy_repo(model_repo: Path, tmp_path: Path) -> Path:
 
 def test_discovery_and_listing(repo: ModelRepository) -> None:
     assert repo.ready is True
+    ready = {"state": "READY"}
     assert repo.list_models() == [
-        {"name": "foreign", "versions": ["1"], "latest": "1"},
-        {"name": "tiny", "versions": ["1", "2"], "latest": "2"},
+        {
+            "name": "foreign",
+            "versions": ["1"],
+            "latest": "1",
+            "default": "1",
+            "pinned": None,
+            "states": [{"version": "1", **ready}],
+        },
+        {
+            "name": "tiny",
+            "versions": ["1", "2"],
+            "latest": "2",
+            "default": "2",
+            "pinned": None,
+            "states": [{"version": "1", **ready}, {"version": "2", **ready}],
+        },
     ]
     assert repo.available() == {"foreign": ["1"], "tiny": ["1", "2"]}
 

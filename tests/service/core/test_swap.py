@@ -136,7 +136,9 @@ def test_swaps_under_load_fail_no_request(tmp_path: Path) -> None:
             admin("POST", f"/models/swap/versions/{v + 1}/unload", headers=AUTH)
             admin("PUT", "/models/swap/default", json={"version": None}, headers=AUTH)
             admin("POST", f"/models/swap/versions/{v - 1}/unload", headers=AUTH)
-            admin("POST", "/repository/reload", headers=AUTH)  # loads v-1, v+1 back
+            admin("POST", "/repository/reload", headers=AUTH)  # unloads are kept: no change
+            admin("POST", f"/models/swap/versions/{v - 1}/load", headers=AUTH)
+            admin("POST", f"/models/swap/versions/{v + 1}/load", headers=AUTH)
             admin("DELETE", f"/models/swap/versions/{v + 1}", headers=AUTH)
             admin("POST", f"/models/swap/versions/{v - 1}/unload", headers=AUTH)
         stop.set()
