@@ -9,6 +9,7 @@ requests of many connections land on both workers; what a client reads (the live
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -19,6 +20,7 @@ import httpx
 import pytest
 
 from tests.server_helpers import uvicorn_server
+from tests.service.conftest import make_onnx_cnn
 from tests.service.http_helpers import predict_body
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
@@ -61,27 +63,37 @@ def two_workers(model_repo: Path) -> Iterator[tuple[str, int]]:
 
 
 class Load:
-    """``CLIENTS`` threads sending predict requests, each on a new connection, until
-    stopped; records every outcome (status code or exception name) with its end time."""
+    """``CLIENTS`` threads sending predict requests, each on a new connection (to one of
+    ``urls`` in turn), until stopped; records every outcome (status code or exception name)
+    with its end time, and the version that answered."""
 
-    def __init__(self, url: str) -> None:
-        self.url = f"{url}/v1/models/tiny/predict"
+    def __init__(self, *urls: str) -> None:
+        self.urls = [f"{url}/v1/models/tiny/predict" for url in urls]
         self.outcomes: list[tuple[float, str]] = []
+        self.versions: list[tuple[float, str]] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._client) for _ in range(CLIENTS)]
         self._lock = threading.Lock()
 
     def _client(self) -> None:
         body, headers = predict_body(), {"Content-Type": "application/json"}
+        sent = 0
         while not self._stop.is_set():
+            url = self.urls[sent % len(self.urls)]
+            sent += 1
+            version = None
             try:
-                status = str(
-                    httpx.post(self.url, content=body, headers=headers, timeout=10).status_code
-                )
+                response = httpx.post(url, content=body, headers=headers, timeout=10)
+                status = str(response.status_code)
+                if response.status_code == 200:
+                    version = response.json()["model"]["version"]
             except httpx.HTTPError as exc:
                 status = type(exc).__name__
             with self._lock:
-                self.outcomes.append((time.monotonic(), status))
+                now = time.monotonic()
+                self.outcomes.append((now, status))
+                if version is not None:
+                    self.versions.append((now, version))
 
     def __enter__(self) -> Load:
         for thread in self._threads:
@@ -96,6 +108,10 @@ class Load:
     def since(self, moment: float) -> list[str]:
         with self._lock:
             return [status for at, status in self.outcomes if at >= moment]
+
+    def versions_since(self, moment: float) -> set[str]:
+        with self._lock:
+            return {version for at, version in self.versions if at >= moment}
 
 
 def test_connections_spread_over_both_workers(two_workers: tuple[str, int]) -> None:
@@ -140,3 +156,76 @@ def test_a_killed_worker_is_replaced_and_only_its_requests_in_flight_fail(
     assert set(load.since(after_restart)) == {"200"}
     assert survivor in workers_of(master)
     assert cpu_seconds(replacement) > 0
+
+
+KEY = "workers-test-management-key-0123"
+POLL_S = 0.5
+
+
+@pytest.fixture
+def repository(model_repo: Path, tmp_path: Path) -> Path:
+    """A writable copy of the fixture repository (tiny versions 1 and 2)."""
+    copy = tmp_path / "models"
+    shutil.copytree(model_repo, copy)
+    return copy
+
+
+def managed(workers: int, **env: str) -> dict[str, str]:
+    return {
+        "RELU_SERVE_WORKERS": str(workers),
+        "RELU_SERVE_MANAGEMENT_API_KEY": KEY,
+        "RELU_SERVE_REPOSITORY_POLL_S": str(POLL_S),
+        **env,
+    }
+
+
+def upload_under_load(urls: list[str], version: str) -> None:
+    """Upload a new version of tiny through the first URL while 8 clients send requests to
+    all: none fails, and within the poll bound every answer names the new version."""
+    data = make_onnx_cnn(name="tiny", seed=21).SerializeToString()
+    with Load(*urls) as load:
+        wait_for(lambda: len(load.versions_since(0)) > 0, 20, "answers before the upload")
+        assert load.versions_since(0) == {"2"}, load.since(0)[:5]
+        response = httpx.put(
+            f"{urls[0]}/v1/admin/models/tiny/versions/{version}",
+            content=data,
+            headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/octet-stream"},
+            timeout=60,
+        )
+        assert response.status_code == 201, response.text
+        answered = time.monotonic()
+        # The poll interval, plus loading and warming the model up in each worker.
+        time.sleep(POLL_S + 2)
+        settled = time.monotonic()
+        time.sleep(1.5)
+    assert set(load.since(0)) == {"200"}, "a request failed during the upload"
+    assert load.versions_since(answered - 0.1) >= {version}
+    assert load.versions_since(settled) == {version}
+
+
+def test_an_upload_through_one_worker_reaches_every_worker(repository: Path) -> None:
+    with uvicorn_server(repository, env=managed(2)) as (url, process):
+        wait_for(lambda: len(workers_of(process.pid)) == 2, 30, "two workers")
+        upload_under_load([url], "3")
+
+
+def test_two_instances_on_one_repository_converge(repository: Path) -> None:
+    # As two replicas on a shared volume: separate processes, nothing shared but the folder.
+    with (
+        uvicorn_server(repository, env=managed(1)) as (first, _),
+        uvicorn_server(repository, env=managed(1)) as (second, _),
+    ):
+        upload_under_load([first, second], "3")
+
+
+def test_a_restart_keeps_the_default_version_set_at_run_time(repository: Path) -> None:
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with uvicorn_server(repository, env=managed(2)) as (url, _):
+        response = httpx.put(
+            f"{url}/v1/admin/models/tiny/default", json={"version": 1}, headers=auth
+        )
+        assert response.status_code == 200, response.text
+    with uvicorn_server(repository, env=managed(2)) as (url, _):
+        with Load(url) as load:
+            time.sleep(1)
+        assert load.versions_since(0) == {"1"}
