@@ -28,8 +28,8 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 logger = logging.getLogger(__name__)
 
-# The body is the text format 0.0.4 (prometheus_client's CONTENT_TYPE_LATEST names 1.0.0 since
-# 0.22, which Prometheus 2 does not know; the text is the same for our legacy names).
+# generate_latest writes the text format 0.0.4 for names like ours; prometheus_client's
+# CONTENT_TYPE_LATEST says version=1.0.0 in recent releases, so the header stays ours.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Request latency buckets (seconds): from a cached metadata answer to a slow batch.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -148,6 +148,13 @@ class ServiceMetrics:
             self._exposed = self.registry
         else:
             # The scrape reads every worker's files; this process's registry is in them.
+            own = Path(self.multiprocess_dir) / f"gauge_livemin_{os.getpid()}.db"  # ``ready``'s
+            if not own.exists():
+                raise RuntimeError(
+                    f"PROMETHEUS_MULTIPROC_DIR={self.multiprocess_dir} was set after "
+                    "prometheus_client was imported, or the folder is missing: the metrics "
+                    "would not reach it; set it before the process starts"
+                )
             self._exposed = CollectorRegistry()
             MultiProcessCollector(self._exposed, path=self.multiprocess_dir)
             forget_dead_workers(self.multiprocess_dir)  # a new worker cleans up after the dead

@@ -346,6 +346,29 @@ def test_a_scrape_forgets_workers_that_died_without_a_word(tmp_path: Path) -> No
     assert sample_value(families, f"{NS}_http_requests_total", route="/r") == 2
 
 
+def test_a_folder_set_too_late_is_refused(tmp_path: Path) -> None:
+    """prometheus_client chooses memory-mapped values at its import: a folder named after it
+    would stay empty, and every scrape would say nothing. The worker refuses to start."""
+    late = f"""
+import os
+import prometheus_client
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = {str(tmp_path)!r}
+from service.core.metrics import ServiceMetrics
+ServiceMetrics()
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    result = subprocess.run(
+        [sys.executable, "-c", late],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[3],
+        timeout=30,
+    )
+    assert result.returncode != 0
+    assert "was set after prometheus_client was imported" in result.stderr
+
+
 # ---------------------------------------------------------------- the app's /metrics
 
 
