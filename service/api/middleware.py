@@ -90,8 +90,11 @@ class MetricsMiddleware:
         self.app = app
         self.metrics = metrics
         self.known_models = known_models
-        # (route, method, model, status class) -> its request counter and duration histogram
-        self._children: dict[tuple[str, str, str, int], tuple[Callable, Callable]] = {}
+        # (route, method, model, status class) -> its request counter's ``inc`` and duration
+        # histogram's ``observe``: label children looked up once, not per request.
+        self._children: dict[
+            tuple[str, str, str, int], tuple[Callable[[], None], Callable[[float], None]]
+        ] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -120,8 +123,8 @@ class MetricsMiddleware:
                 children = self._children[key] = (
                     self.metrics.requests.labels(
                         route=template, method=method, model=model, status=f"{status // 100}xx"
-                    ),
-                    self.metrics.request_seconds.labels(route=template, method=method),
+                    ).inc,
+                    self.metrics.request_seconds.labels(route=template, method=method).observe,
                 )
-            children[0](1.0)
+            children[0]()
             children[1](time.perf_counter() - start)

@@ -20,6 +20,8 @@ from typing import Any
 
 import anyio.to_thread
 import numpy as np
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from service.core.batching import (
     BatcherClosedError,
@@ -30,7 +32,7 @@ from service.core.batching import (
 )
 from service.core.errors import BadRequestError, PayloadTooLargeError, ServiceUnavailableError
 from service.core.images import decode_image, default_preprocessing, preprocess_images
-from service.core.metrics import GaugeFamily, ServiceMetrics
+from service.core.metrics import ServiceMetrics
 from service.core.repository import ModelRepository
 from service.runtime.loaded_model import STATS_MODES, LoadedModel, ModelInputError, RunResult
 from service.settings import ServiceSettings
@@ -56,7 +58,11 @@ class DataPlane:
             weakref.WeakKeyDictionary()
         )
         self._accepting = False
-        metrics.registry.add_collector(self._collect_monitor_metrics)
+        # Label children looked up once (prometheus_client's ``labels`` takes a lock and
+        # builds a key): per run in ``_record_batch``, per model for the monitor.
+        self._run_children: dict[tuple[str, str, str], tuple[Histogram, Histogram, Histogram]] = {}
+        self._monitor_children: dict[str, Counter] = {}
+        metrics.add_collector(self._collect_monitor_metrics)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -99,6 +105,7 @@ class DataPlane:
         self._batchers.clear()
         timeout = self.settings.request_timeout_s
         await asyncio.gather(*(b.close(timeout) for b in batchers))
+        self.metrics.queue_length.set(0)
 
     def _loaded_models(self) -> list[LoadedModel]:
         if self.repository is None:
@@ -113,10 +120,10 @@ class DataPlane:
         """Provider in use and fall-back flag of one model version, as gauges."""
         choice = model.providers
         labels = {"model": model.name, "version": model.version}
-        self.metrics.model_info.set(
-            1, provider=choice.used[0], requested=",".join(choice.requested), **labels
-        )
-        self.metrics.model_fallback.set(1 if choice.fell_back else 0, **labels)
+        self.metrics.model_info.labels(
+            provider=choice.used[0], requested=",".join(choice.requested), **labels
+        ).set(1)
+        self.metrics.model_fallback.labels(**labels).set(1 if choice.fell_back else 0)
 
     def models_changed(self, removed: Iterable[LoadedModel] = ()) -> None:
         """Provider metrics after the loaded versions changed (a management operation, or a
@@ -126,11 +133,10 @@ class DataPlane:
         keep = {(m.name, m.version) for m in loaded}
         for model in removed:
             if (model.name, model.version) not in keep:
-                choice, labels = model.providers, {"model": model.name, "version": model.version}
-                self.metrics.model_info.remove(
-                    provider=choice.used[0], requested=",".join(choice.requested), **labels
+                choice = model.providers
+                self.metrics.remove_model(
+                    model.name, model.version, choice.used[0], ",".join(choice.requested)
                 )
-                self.metrics.model_fallback.remove(**labels)
         for model in loaded:
             self._publish_model(model)
         self.metrics.models_loaded.set(len(loaded))
@@ -247,7 +253,11 @@ class DataPlane:
             and self.repository is not None
             and self.repository.record(model, result.per_sample_active)
         ):
-            self.metrics.monitor_samples.inc(int(x.shape[0]), model=model.name)
+            samples = self._monitor_children.get(model.name)
+            if samples is None:
+                samples = self.metrics.monitor_samples.labels(model=model.name)
+                self._monitor_children[model.name] = samples
+            samples.inc(int(x.shape[0]))
         if sampled:  # the client did not ask: give it the plain answer
             result = RunResult(
                 logits=result.logits,
@@ -319,13 +329,24 @@ class DataPlane:
             timer.cancel()
 
     def _record_batch(self, report: BatchReport) -> None:
-        """Metrics of one finished run: run time, samples per run, each request's wait."""
-        name = report.model.name
-        self.metrics.queue_seconds.observe_many(report.queue_seconds, model=name)
-        self.metrics.inference_seconds.observe(
-            report.run_seconds, model=name, version=report.model.version, stats=report.stats
-        )
-        self.metrics.batch_size.observe(report.samples, model=name)
+        """Metrics of one finished run: run time, samples per run, each request's wait; and
+        the queue length, which is exact after each run (it lags by the run in progress)."""
+        name, version = report.model.name, report.model.version
+        key = (name, version, report.stats)
+        children = self._run_children.get(key)
+        if children is None:
+            metrics = self.metrics
+            children = self._run_children[key] = (
+                metrics.queue_seconds.labels(model=name),
+                metrics.inference_seconds.labels(model=name, version=version, stats=report.stats),
+                metrics.batch_size.labels(model=name),
+            )
+        queue_seconds, inference_seconds, batch_size = children
+        for seconds in report.queue_seconds:
+            queue_seconds.observe(seconds)
+        inference_seconds.observe(report.run_seconds)
+        batch_size.observe(report.samples)
+        self.metrics.queue_length.set(self.pending)
 
     @property
     def pending(self) -> int:
@@ -347,52 +368,49 @@ class DataPlane:
         assert self.repository is not None
         self.repository.monitor(name).reset()
 
-    def _collect_monitor_metrics(self) -> list[GaugeFamily]:
-        """Per model and layer gauges from the monitors, computed at scrape time."""
+    def _collect_monitor_metrics(self) -> list[Metric]:
+        """Per model and layer gauges from the monitors, computed at scrape time (this
+        process's monitors: in multiprocess mode, the scraped worker's)."""
         ns = "relu_serve"
-        inactive = GaugeFamily(
+        labels = ("model", "layer")
+        inactive = GaugeMetricFamily(
             f"{ns}_activation_inactive_fraction",
             "Rolling share of inactive activations over the monitor window.",
-            ("model", "layer"),
+            labels=labels,
         )
-        dead = GaugeFamily(
+        dead = GaugeMetricFamily(
             f"{ns}_activation_dead_units",
             "Channels with no activity over the full monitor window (NaN until it is full).",
-            ("model", "layer"),
+            labels=labels,
         )
-        drift = GaugeFamily(
+        drift = GaugeMetricFamily(
             f"{ns}_activation_drift_score",
             "Distance of live per-channel activity from the reference profile.",
-            ("model", "layer"),
+            labels=labels,
         )
-        drifted = GaugeFamily(
+        drifted = GaugeMetricFamily(
             f"{ns}_activation_drifted",
             "1 when the layer's drift exceeds drift_threshold over a full window.",
-            ("model", "layer"),
+            labels=labels,
         )
-        queue = GaugeFamily(
-            f"{ns}_inference_queue_length",
-            "Requests waiting for or in a model run (all models).",
-            (),
-        )
-        queue.add(self.pending)
-        window = GaugeFamily(
+        window = GaugeMetricFamily(
             f"{ns}_monitor_window_samples",
             "Samples currently in the model's monitor window.",
-            ("model",),
+            labels=("model",),
         )
+        families: list[Metric] = [inactive, dead, drift, drifted, window]
         if self.repository is None:
-            return [queue, inactive, dead, drift, drifted, window]
+            return families
         for name in self.model_names():
             snapshot = self.repository.monitor(name).snapshot()
-            window.add(snapshot.get("samples", 0), name)
+            window.add_metric([name], snapshot.get("samples", 0))
             for layer in snapshot.get("layers", []):
-                lname = layer["name"]
-                inactive.add(_num(layer.get("inactive_fraction")), name, lname)
-                dead.add(_num(layer.get("dead_units")), name, lname)
-                drift.add(_num(layer.get("drift")), name, lname)
-                drifted.add(1.0 if layer.get("drifted") else 0.0, name, lname)
-        return [queue, inactive, dead, drift, drifted, window]
+                key = [name, layer["name"]]
+                inactive.add_metric(key, _num(layer.get("inactive_fraction")))
+                dead.add_metric(key, _num(layer.get("dead_units")))
+                drift.add_metric(key, _num(layer.get("drift")))
+                drifted.add_metric(key, 1.0 if layer.get("drifted") else 0.0)
+        return families
 
 
 class _Repository(ModelRepository):

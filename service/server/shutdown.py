@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 
 class _Gauge(Protocol):
-    def set(self, value: float, **labels: str) -> None: ...
+    def set(self, value: float) -> None: ...
 
 
 class _Metrics(Protocol):

@@ -146,8 +146,8 @@ def test_a_provider_fall_back_is_reported_per_model(model_repo: Path) -> None:
     assert foreign["fell_back"] is True
     assert "CUDAExecutionProvider" in foreign["fallback_reason"]
     assert tiny["fell_back"] is False
-    assert 'relu_serve_model_provider_fallback{model="foreign",version="1"} 1' in metrics
-    assert 'relu_serve_model_provider_fallback{model="tiny",version="2"} 0' in metrics
+    assert 'relu_serve_model_provider_fallback{model="foreign",version="1"} 1.0' in metrics
+    assert 'relu_serve_model_provider_fallback{model="tiny",version="2"} 0.0' in metrics
 
 
 @pytest.mark.usefixtures("cpu_only")

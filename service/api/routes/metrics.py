@@ -17,6 +17,7 @@ router = APIRouter(tags=["metrics"])
     responses={200: {"description": "The exposition", "content": {"text/plain": {}}}},
 )
 async def metrics(request: Request) -> Response:
-    """Request counts and latencies, inference times, providers, activation monitors."""
+    """Request counts and latencies, inference times, providers, activation monitors: of
+    every worker process when there are several (prometheus_client's multiprocess mode)."""
     registry: ServiceMetrics = request.app.state.metrics
     return Response(registry.render(), media_type=CONTENT_TYPE)

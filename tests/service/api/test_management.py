@@ -176,8 +176,11 @@ def test_upload_validates_then_serves(client: TestClient, root: Path) -> None:
     assert serving_version(client) == "3"
     assert not any((root / ".staging").iterdir())
     metrics = client.get("/metrics").text
-    assert 'relu_serve_model_info{model="tiny",version="3"' in metrics
-    assert "relu_serve_models_loaded 4" in metrics
+    assert (
+        'relu_serve_model_info{model="tiny",provider="CPUExecutionProvider",'
+        'requested="CPUExecutionProvider",version="3"} 1.0\n'
+    ) in metrics
+    assert "relu_serve_models_loaded 4.0\n" in metrics
 
 
 def test_multipart_upload_as_the_next_version_without_switching(

@@ -7,6 +7,7 @@ the process's start-up from the environment, and a graceful shutdown on SIGTERM.
 from __future__ import annotations
 
 import base64
+import re
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -169,6 +170,7 @@ def test_metrics_over_the_socket(server: str) -> None:
     response = httpx.get(f"http://{server}/metrics", timeout=10)
     assert response.status_code == 200
     assert "relu_serve_http_requests_total" in response.text
-    assert 'relu_serve_model_info{model="tiny",version="2",provider="CPUExecutionProvider"' in (
-        response.text
+    info = (
+        r'relu_serve_model_info\{model="tiny",provider="CPUExecutionProvider",[^}]*version="2"\} 1'
     )
+    assert re.search(info, response.text)

@@ -114,7 +114,27 @@ def test_concurrent_requests_merge_into_one_run_and_get_their_own_results(
             np.testing.assert_allclose(result.logits, single.logits, rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(result.probabilities, single.probabilities, atol=1e-6)
             assert result.layer_stats is None
-        assert plane.metrics.batch_size.count(model="tiny") == 2
+        runs = plane.metrics.registry.get_sample_value(
+            "relu_serve_inference_batch_size_count", {"model": "tiny"}
+        )
+        assert runs == 2
+
+    with_plane(model_repo, body)
+
+
+def test_the_queue_length_gauge_is_set_after_each_run(
+    model_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Set per run, not per request: after the held run, its five followers are in the next
+    run; after that one, nothing waits."""
+
+    async def body(plane: DataPlane) -> None:
+        model = plane.get_model("tiny")
+        lengths: list[float] = []
+        monkeypatch.setattr(plane.metrics.queue_length, "set", lengths.append)
+        inputs = [reference_inputs(n, seed=i) for i, n in enumerate([1, 3, 1, 2, 1])]
+        await burst(plane, RunRecorder(model, monkeypatch), model, inputs, ["none"] * 5)
+        assert lengths == [5, 0]
 
     with_plane(model_repo, body)
 

@@ -1,31 +1,29 @@
-"""service.core.metrics: the exposition parses strictly; /metrics reports what happened."""
+"""service.core.metrics: the exposition parses strictly; /metrics reports what happened; the
+metrics of several worker processes add up (prometheus_client's multiprocess mode)."""
 
 from __future__ import annotations
 
 import base64
 import math
+import os
 import re
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from service.app import create_app
-from service.core.metrics import (
-    CONTENT_TYPE,
-    Counter,
-    Gauge,
-    GaugeFamily,
-    Histogram,
-    MetricsRegistry,
-    format_value,
-)
+from service.core.metrics import CONTENT_TYPE, ServiceMetrics, forget_dead_workers
 from tests.service.conftest import reference_inputs
 from tests.service.http_helpers import TINY_LAYERS, image_bytes, make_settings
 
 NS = "relu_serve"
 PREDICT = "/v1/models/tiny/predict"
+LABELS = {"route": "/r", "method": "GET", "model": "", "status": "2xx"}
 
 # The text format 0.0.4 grammar, strictly:
 # https://prometheus.io/docs/instrumenting/exposition_formats/#text-based-format
@@ -120,90 +118,106 @@ def sample_value(families: dict[str, Family], name: str, **labels: str) -> float
     return None
 
 
-def test_registry_renders_a_strictly_valid_exposition() -> None:
-    registry = MetricsRegistry()
-    requests = registry.register(Counter("app_requests_total", "Requests.", ("route", "code")))
-    temperature = registry.register(Gauge("app_temperature", 'A "quoted"\nhelp \\ text.'))
-    latency = registry.register(Histogram("app_latency_seconds", "Latency.", ("route",)))
-    requests.inc(route="/v1/x", code="2xx")
-    requests.inc(2, route='we"ird\\\nroute', code="4xx")
-    temperature.set(-3.5)
+def test_service_metrics_render_a_strictly_valid_exposition() -> None:
+    metrics = ServiceMetrics()
+    metrics.requests.labels("/v1/x", "GET", "tiny", "2xx").inc()
+    metrics.requests.labels('we"ird\\\nroute', "GET", "", "4xx").inc(2)
     for value in (0.0001, 0.003, 0.003, 7.0, 100.0):
-        latency.observe(value, route="/v1/x")
+        metrics.request_seconds.labels("/v1/x", "GET").observe(value)
+    for size in (1, 2, 3, 300):  # a bound belongs to its own bucket (le)
+        metrics.batch_size.labels("tiny").observe(size)
+    metrics.ready.set(1)
 
-    def collect() -> list[GaugeFamily]:
-        family = GaugeFamily("app_layer_inactive_fraction", "Per layer.", ("model", "layer"))
-        family.add(0.25, "tiny", "features.0.act")
-        family.add(float("nan"), "tiny", "features.1.act")
+    def collect() -> list[Metric]:
+        family = GaugeMetricFamily(
+            "app_layer_inactive_fraction", 'A "quoted"\nhelp \\ text.', labels=("model", "layer")
+        )
+        family.add_metric(["tiny", "features.0.act"], 0.25)
+        family.add_metric(["tiny", "features.1.act"], float("nan"))
         return [family]
 
-    registry.add_collector(collect)
-    families = parse_exposition(registry.render())
-    assert families["app_requests_total"].kind == "counter"
-    assert sample_value(families, "app_requests_total", code="4xx") == 2
-    assert sample_value(families, "app_temperature") == -3.5
-    assert sample_value(families, "app_latency_seconds_count", route="/v1/x") == 5
-    assert sample_value(families, "app_latency_seconds_bucket", le="0.005") == 3
-    assert sample_value(families, "app_latency_seconds_bucket", le="+Inf") == 5
-    assert sample_value(families, "app_latency_seconds_sum") == pytest.approx(107.0061)
+    metrics.add_collector(collect)
+    text = metrics.render().decode()
+    assert "_created" not in text  # disabled: they would double the output
+    families = parse_exposition(text)
+    assert families[f"{NS}_http_requests_total"].kind == "counter"
+    assert sample_value(families, f"{NS}_http_requests_total", status="4xx") == 2
+    # the label value escaped: backslash, quote and newline
+    assert sample_value(families, f"{NS}_http_requests_total", route='we\\"ird\\\\\\nroute') == 2
+    seconds = f"{NS}_http_request_duration_seconds"
+    assert sample_value(families, f"{seconds}_count", route="/v1/x") == 5
+    assert sample_value(families, f"{seconds}_bucket", le="0.005") == 3
+    assert sample_value(families, f"{seconds}_bucket", le="+Inf") == 5
+    assert sample_value(families, f"{seconds}_sum") == pytest.approx(107.0061)
+    assert sample_value(families, f"{NS}_inference_batch_size_bucket", le="1.0") == 1
+    assert sample_value(families, f"{NS}_inference_batch_size_bucket", le="2.0") == 2
+    assert sample_value(families, f"{NS}_inference_batch_size_bucket", le="256.0") == 3
+    assert sample_value(families, f"{NS}_ready") == 1
+    assert sample_value(families, f"{NS}_inference_queue_length") == 0
     assert sample_value(families, "app_layer_inactive_fraction", layer="features.0.act") == 0.25
     assert math.isnan(sample_value(families, "app_layer_inactive_fraction", layer="features.1.act"))
 
 
-def test_registry_refuses_misuse() -> None:
-    registry = MetricsRegistry()
-    counter = registry.register(Counter("x_total", "X.", ("a",)))
-    with pytest.raises(ValueError, match="already registered"):
-        registry.register(Counter("x_total", "X again."))
-    with pytest.raises(ValueError, match="takes labels"):
-        counter.inc(b="1")
-    with pytest.raises(ValueError, match="only go up"):
-        counter.inc(-1, a="1")
-    with pytest.raises(ValueError, match="reserved"):
-        Histogram("h", "H.", ("le",))
+def test_two_instances_never_mix() -> None:
+    """Each app has its own registry: tests build many apps in one process."""
+    first, second = ServiceMetrics(), ServiceMetrics()
+    first.requests.labels("/r", "GET", "", "2xx").inc(3)
+    first.ready.set(1)
+    assert first.registry.get_sample_value(f"{NS}_http_requests_total", LABELS) == 3
+    assert second.registry.get_sample_value(f"{NS}_http_requests_total", LABELS) is None
+    assert second.registry.get_sample_value(f"{NS}_ready") == 0
+    assert f"{NS}_http_requests_total{{" not in second.render().decode()
 
 
-def test_histogram_buckets_and_bulk_observations() -> None:
-    one_by_one = Histogram("h", "H.", ("m",), buckets=(0.1, 1.0))
-    bulk = Histogram("h", "H.", ("m",), buckets=(0.1, 1.0))
-    values = [0.05, 0.1, 0.5, 1.0, 7.0]  # a bound belongs to its own bucket (le)
-    for value in values:
-        one_by_one.observe(value, m="a")
-    bulk.observe_many(values, m="a")
-    assert one_by_one.samples() == bulk.samples()
-    lines = dict(line.rsplit(" ", 1) for line in bulk.samples())
-    assert lines['h_bucket{m="a",le="0.1"}'] == "2"
-    assert lines['h_bucket{m="a",le="1"}'] == "4"
-    assert lines['h_bucket{m="a",le="+Inf"}'] == "5"
-    assert lines['h_count{m="a"}'] == "5"
-    with pytest.raises(ValueError, match="takes labels"):
-        bulk.observe_many([1.0], other="a")
+def test_collectors_run_at_every_scrape() -> None:
+    metrics = ServiceMetrics()
+    scrapes = []
+
+    def collect() -> list[Metric]:
+        scrapes.append(1)
+        return [GaugeMetricFamily("app_scrapes", "Scrapes so far.", value=len(scrapes))]
+
+    metrics.add_collector(collect)
+    assert "app_scrapes 1.0\n" in metrics.render().decode()
+    assert "app_scrapes 2.0\n" in metrics.render().decode()
 
 
-def test_bound_children_count_like_labelled_calls() -> None:
-    by_labels, bound = Counter("c", "C.", ("m",)), Counter("c", "C.", ("m",))
-    hist_by_labels = Histogram("h", "H.", ("m",), buckets=(0.1, 1.0))
-    hist_bound = Histogram("h", "H.", ("m",), buckets=(0.1, 1.0))
-    inc, observe = bound.labels(m="a"), hist_bound.labels(m="a")
-    for value in (0.05, 0.1, 2.0):
-        by_labels.inc(value, m="a")
-        inc(value)
-        hist_by_labels.observe(value, m="a")
-        observe(value)
-    assert bound.samples() == by_labels.samples() == ['c{m="a"} 2.15']
-    assert hist_bound.samples() == hist_by_labels.samples()
-    with pytest.raises(ValueError, match="only go up"):
-        inc(-1)
-    with pytest.raises(ValueError, match="takes labels"):
-        hist_bound.labels(other="a")
+def test_a_removed_model_version_loses_its_gauges() -> None:
+    metrics = ServiceMetrics()
+    for version in ("1", "2"):
+        metrics.model_info.labels("tiny", version, "CPUExecutionProvider", "CPU").set(1)
+        metrics.model_fallback.labels("tiny", version).set(0)
+    metrics.remove_model("tiny", "1", "CPUExecutionProvider", "CPU")
+    families = parse_exposition(metrics.render().decode())
+    assert sample_value(families, f"{NS}_model_info", version="1") is None
+    assert sample_value(families, f"{NS}_model_provider_fallback", version="1") is None
+    assert sample_value(families, f"{NS}_model_info", version="2") == 1
+    assert sample_value(families, f"{NS}_model_provider_fallback", version="2") == 0
 
 
-@pytest.mark.parametrize(
-    ("value", "text"),
-    [(1.0, "1"), (0.25, "0.25"), (float("inf"), "+Inf"), (float("-inf"), "-Inf"), (3, "3")],
-)
-def test_format_value(value: float, text: str) -> None:
-    assert format_value(value) == text
+def test_forget_dead_workers_drops_only_the_live_gauges_of_dead_pids(tmp_path: Path) -> None:
+    """Files named as prometheus_client names them: <kind>[_<mode>]_<pid>.db."""
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid, live_pid = int(dead.stdout), os.getpid()
+    names = [
+        f"counter_{dead_pid}.db",
+        f"histogram_{dead_pid}.db",
+        f"gauge_all_{dead_pid}.db",  # not a live mode: kept, as prometheus_client does
+        f"gauge_livemin_{dead_pid}.db",
+        f"gauge_livesum_{dead_pid}.db",
+        f"gauge_livemin_{live_pid}.db",
+    ]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    assert forget_dead_workers(tmp_path) == [dead_pid]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(names[:3] + [names[5]])
+    assert forget_dead_workers(tmp_path) == []
 
 
 def test_the_strict_parser_rejects_bad_expositions() -> None:
@@ -219,6 +233,140 @@ def test_the_strict_parser_rejects_bad_expositions() -> None:
     for text in bad:
         with pytest.raises(AssertionError):
             parse_exposition(text)
+
+
+# ---------------------------------------------------------------- several worker processes
+
+# A worker: records ``n`` requests and sets its gauges, says so, then lives until its standard
+# input closes. PROMETHEUS_MULTIPROC_DIR is in its environment before prometheus_client loads.
+WORKER = """
+import sys
+from service.core.metrics import ServiceMetrics
+
+n, ready, queue, version = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+metrics = ServiceMetrics()
+inc = metrics.requests.labels("/r", "GET", "", "2xx").inc
+observe = metrics.request_seconds.labels("/r", "GET").observe
+for _ in range(n):
+    inc()
+    observe(0.002)
+metrics.ready.set(ready)
+metrics.queue_length.set(queue)
+metrics.models_loaded.set(1)
+metrics.model_info.labels("tiny", version, "CPUExecutionProvider", "CPU").set(1)
+if version != "1":
+    metrics.remove_model("tiny", "1", "CPUExecutionProvider", "CPU")
+print("recorded", flush=True)
+sys.stdin.read()
+"""
+# The worker that answers a scrape: ready, nothing recorded.
+SCRAPER = """
+import sys
+from service.core.metrics import ServiceMetrics
+
+metrics = ServiceMetrics()
+metrics.ready.set(1)
+sys.stdout.buffer.write(metrics.render())
+"""
+
+
+def _python(code: str, *args: object, folder: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder)}
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *map(str, args)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[3],  # the repository root: `service` imports
+    )
+
+
+def _scrape(folder: Path) -> dict[str, Family]:
+    scraper = _python(SCRAPER, folder=folder)
+    out, _ = scraper.communicate(timeout=30)
+    assert scraper.returncode == 0
+    return parse_exposition(out)
+
+
+def test_workers_add_up_and_a_dead_workers_live_gauges_go(tmp_path: Path) -> None:
+    """Two workers record requests; one dies; a third one's scrape still counts the dead
+    one's requests, but no longer its readiness, queue or model version."""
+    # The first is still loading (not ready) and serves version 1; the second removed it.
+    first = _python(WORKER, 3, 0, 2, "1", folder=tmp_path)
+    second = _python(WORKER, 5, 1, 4, "2", folder=tmp_path)
+    try:
+        for worker in (first, second):
+            assert worker.stdout is not None
+            assert worker.stdout.readline() == "recorded\n"
+        both = _scrape(tmp_path)
+        assert sample_value(both, f"{NS}_http_requests_total", route="/r") == 8
+        assert sample_value(both, f"{NS}_http_request_duration_seconds_count") == 8
+        assert sample_value(both, f"{NS}_http_request_duration_seconds_bucket", le="0.0025") == 8
+        assert sample_value(both, f"{NS}_ready") == 0  # livemin: one worker is not ready
+        assert sample_value(both, f"{NS}_inference_queue_length") == 6  # livesum
+        assert sample_value(both, f"{NS}_models_loaded") == 1  # livemax, not a sum
+        assert sample_value(both, f"{NS}_model_info", version="1") == 1  # the first serves it
+        assert sample_value(both, f"{NS}_model_info", version="2") == 1
+        for family in both.values():  # no pid label leaks out of the merge
+            assert all("pid" not in labels for _, labels, _ in family.samples)
+
+        first.communicate(timeout=30)  # its standard input closes: it exits
+        assert first.returncode == 0
+        dead = forget_dead_workers(tmp_path)  # the first and the first scraper
+        assert first.pid in dead
+        assert second.pid not in dead
+        assert not list(tmp_path.glob(f"gauge_live*_{first.pid}.db"))
+        assert (tmp_path / f"counter_{first.pid}.db").exists()
+
+        after = _scrape(tmp_path)
+        assert sample_value(after, f"{NS}_http_requests_total", route="/r") == 8
+        assert sample_value(after, f"{NS}_http_request_duration_seconds_count") == 8
+        assert sample_value(after, f"{NS}_ready") == 1
+        assert sample_value(after, f"{NS}_inference_queue_length") == 4
+        assert sample_value(after, f"{NS}_model_info", version="1") == 0  # gone everywhere
+        assert sample_value(after, f"{NS}_model_info", version="2") == 1
+    finally:
+        for worker in (first, second):
+            if worker.poll() is None:
+                worker.communicate(timeout=30)
+
+
+def test_a_scrape_forgets_workers_that_died_without_a_word(tmp_path: Path) -> None:
+    """A worker killed outright: the next scrape (the scraper's start or render) drops its
+    readiness."""
+    worker = _python(WORKER, 2, 0, 1, "1", folder=tmp_path)
+    assert worker.stdout is not None
+    assert worker.stdout.readline() == "recorded\n"
+    worker.kill()
+    worker.communicate(timeout=30)
+    families = _scrape(tmp_path)
+    assert sample_value(families, f"{NS}_ready") == 1
+    assert sample_value(families, f"{NS}_inference_queue_length") == 0
+    assert sample_value(families, f"{NS}_http_requests_total", route="/r") == 2
+
+
+def test_a_folder_set_too_late_is_refused(tmp_path: Path) -> None:
+    """prometheus_client chooses memory-mapped values at its import: a folder named after it
+    would stay empty, and every scrape would say nothing. The worker refuses to start."""
+    late = f"""
+import os
+import prometheus_client
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = {str(tmp_path)!r}
+from service.core.metrics import ServiceMetrics
+ServiceMetrics()
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    result = subprocess.run(
+        [sys.executable, "-c", late],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[3],
+        timeout=30,
+    )
+    assert result.returncode != 0
+    assert "was set after prometheus_client was imported" in result.stderr
 
 
 # ---------------------------------------------------------------- the app's /metrics
@@ -272,7 +420,7 @@ def test_inference_histograms(scraped: dict) -> None:
         )
         == 1
     )
-    assert sample_value(scraped, f"{NS}_inference_batch_size_bucket", model="tiny", le="2") == 1
+    assert sample_value(scraped, f"{NS}_inference_batch_size_bucket", model="tiny", le="2.0") == 1
     assert sample_value(scraped, f"{NS}_inference_batch_size_count", model="tiny") == 3
     assert sample_value(scraped, f"{NS}_inference_queue_seconds_count", model="tiny") == 3
 

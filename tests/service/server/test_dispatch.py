@@ -202,7 +202,7 @@ def test_hot_requests_are_counted_under_their_route(
 
 
 def _count(client: TestClient, route: str, model: str, status: str) -> float:
-    wanted = f'route="{route}",method="POST",model="{model}",status="{status}"'
+    wanted = f'method="POST",model="{model}",route="{route}",status="{status}"'
     for line in client.get("/metrics").text.splitlines():
         if line.startswith("relu_serve_http_requests_total{") and wanted in line:
             return float(line.rsplit(" ", 1)[1])
