@@ -9,8 +9,12 @@ median of the per-round ratios B / A (requests per second). Used for the framewo
 shortcuts (``service/server/``: kept only where they are worth it) and for restructures
 (throughput against the commit before).
 
+Both run the service's defaults but for what ``--a-env`` and ``--b-env`` set (its worker
+processes and threads too: the JSON has what each resolved and ran).
+
     python bench/bench_ab.py --a-env RELU_SERVE_DIRECT_DISPATCH=false --out ab.json
     python bench/bench_ab.py --a-tree /tmp/before --model resnet20 --request binary
+    python bench/bench_ab.py --a-env RELU_SERVE_WORKERS=1 --model resnet20   # workers vs one
 """
 
 from __future__ import annotations
@@ -28,7 +32,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.make_models import build_repository  # noqa: E402
 from bench.serving.inputs import MODELS, our_requests, sample_input  # noqa: E402
 from bench.serving.load import run_wrk  # noqa: E402
-from bench.serving.servers import PY, ROOT, Server, free_port, start_server, stop_server  # noqa: E402
+from bench.serving.matrix import alternate  # noqa: E402
+from bench.serving.servers import (  # noqa: E402
+    PY,
+    ROOT,
+    Server,
+    free_port,
+    ours_settings,
+    start_server,
+    stop_server,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,10 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def variant(name: str, settings: list[str], tree: Path, repo: Path) -> Server:
     """``python -m service`` from ``tree`` with ``settings`` (KEY=VALUE) on ``repo``."""
+    # No queue bound of its own: admission by time (RELU_SERVE_REQUEST_DEADLINE_S) is the
+    # service's default, and a 503 under the measured load fails the run.
     env = {
         "RELU_SERVE_MODEL_ROOT": str(repo),
         "RELU_SERVE_LOG_LEVEL": "warning",
-        "RELU_SERVE_MAX_QUEUE_LENGTH": "256",  # as bench/run.py: 64 clients never see a 503
         **dict(item.split("=", 1) for item in settings),
     }
     argv = [PY, "-m", "service", "--host", "127.0.0.1", "--port", "{port}", "--no-access-log"]
@@ -80,8 +94,7 @@ def run_ab(args: argparse.Namespace) -> dict[str, Any]:
         variant("A", args.a_env, args.a_tree, repo),
         variant("B", args.b_env, args.b_tree, repo),
     ]
-    rates: dict[str, list[float]] = {"A": [], "B": []}
-    procs, ports = {}, {}
+    procs, ports, resolved = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         try:
@@ -89,6 +102,7 @@ def run_ab(args: argparse.Namespace) -> dict[str, Any]:
                 ports[server.name] = free_port()
                 log = workdir / f"{server.name}.log"
                 procs[server.name] = start_server(server, ports[server.name], log)
+                resolved[server.name] = ours_settings(server, procs[server.name])
 
             def measure(server: Server, clients: int, seconds: float) -> dict[str, Any]:
                 port, pid = ports[server.name], procs[server.name].pid
@@ -97,28 +111,36 @@ def run_ab(args: argparse.Namespace) -> dict[str, Any]:
                     raise RuntimeError(f"variant {server.name}: {cell}")
                 return cell
 
+            def progress(i: int, values: list[list[float]]) -> None:
+                a, b = values[0][-1], values[1][-1]
+                print(f"round {i + 1}: A {a:.0f}, B {b:.0f} req/s, B/A {b / a:.3f}", flush=True)
+
             for server in sides:
                 measure(server, 8, 2)  # warm-up: first runs, caches, allocator
-            for i in range(args.rounds):
-                for server in sides if i % 2 == 0 else sides[::-1]:
-                    rates[server.name].append(measure(server, args.clients, args.duration)["rps"])
-                ratio = rates["B"][-1] / rates["A"][-1]
-                print(
-                    f"round {i + 1}: A {rates['A'][-1]:.0f}, B {rates['B'][-1]:.0f} req/s, "
-                    f"B/A {ratio:.3f}",
-                    flush=True,
-                )
+            a_rps, b_rps = alternate(
+                args.rounds,
+                sides,
+                lambda server: measure(server, args.clients, args.duration)["rps"],
+                progress,
+            )
         finally:
             for proc in procs.values():
                 stop_server(proc)
-    ratios = [b / a for a, b in zip(rates["A"], rates["B"], strict=True)]
+    rates = {"A": a_rps, "B": b_rps}
+    ratios = [b / a for a, b in zip(a_rps, b_rps, strict=True)]
     return {
         "model": args.model,
         "request": args.request,
         "clients": args.clients,
         "duration_s": args.duration,
         "variants": {
-            s.name: {"env": s.env, "tree": str(s.tree), "rps": rates[s.name]} for s in sides
+            s.name: {
+                "env": s.env,
+                "tree": str(s.tree),
+                "settings": resolved[s.name],
+                "rps": rates[s.name],
+            }
+            for s in sides
         },
         "median_rps": {name: statistics.median(r) for name, r in rates.items()},
         "ratio_b_over_a": statistics.median(ratios),

@@ -3,6 +3,7 @@ LitServe and BentoML, side by side in one run; prints a table and writes JSON.
 
     python bench/run.py --out bench/results/run.json          # full (~30 min)
     python bench/run.py --quick --out /tmp/quick.json         # smoke run (~1 min)
+    python bench/run.py --overload --out bench/results/overload.json   # 64 against 256 clients
 
 Rows, for the default model (digits, 1x8x8) and a ResNet-20 (3x32x32, random weights, built
 by bench/make_models.py), each at 1, 8 and 64 concurrent clients:
@@ -10,18 +11,18 @@ by bench/make_models.py), each at 1, 8 and 64 concurrent clients:
 1. ``raw``: onnxruntime in-process, batch 1 and batched (the limit: best of batch 32/64,
    one session of 2 threads spinning on or off, or two 1-thread runs side by side), images/s;
 2. ``noop``: FastAPI + uvicorn, one route that reads the body and answers a fixed JSON (the
-   HTTP ceiling), same uvicorn options and worker count as ours (``python -m service``);
+   HTTP ceiling), same uvicorn options as ours (``python -m service``) in one process;
 3. ``naive``: FastAPI + onnxruntime, pydantic model with JSON lists, one ``session.run`` per
    request (bench/apps/naive.py), the baseline;
 4. ``litserve`` and ``bentoml`` serving the same ONNX file with their batching, from the
    separate venv ``.venv-bench`` (bench/setup_third_party.sh); a row says why it is missing;
 5. ``ours``: JSON with a base64 tensor, raw ``application/octet-stream``, v2 binary tensor
    extension, multipart PNG upload; statistics off, and on (``stats=summary``) for JSON and
-   binary;
-6. ``ours-mp``, an experiment: ``--processes`` copies of ours on one port, each with its own
-   ``SO_REUSEPORT`` socket and a share of the onnxruntime threads (bench/apps/reuseport.py),
-   binary requests, statistics off and on. The service itself runs one process;
-7. ``proto`` and ``proto-asgi``: issue 4's throwaway prototype (greedy batching, one inference
+   binary. It runs with the service's own defaults (a worker process per CPU, the CPUs'
+   onnxruntime threads divided among them, admission by ``RELU_SERVE_REQUEST_DEADLINE_S``)
+   unless ``--ours-workers`` or ``--threads`` say otherwise; the JSON's ``settings.ours``
+   has the workers and threads it resolved and the worker processes it really ran;
+6. ``proto`` and ``proto-asgi``: issue 4's throwaway prototype (greedy batching, one inference
    thread, raw float32 bodies, no validation or metrics; bench/apps/prototype.py), on its own
    asyncio HTTP and as a plain ASGI app on uvicorn: what the ``x raw`` figure asks of a
    batching server with nothing else to do.
@@ -32,21 +33,30 @@ N connections (= clients), a Lua script per body, ``--duration`` seconds per cel
 server's process tree CPU time (``/proc/<pid>/stat``) over the requests it answered; the JSON
 also has wrk's own (``client_cpu_us_per_request``, ~8-13 us here). Nothing is pinned to
 cores: the server and wrk share the 2 cores as they would on a small host. Every server binds
-127.0.0.1.
+127.0.0.1. The reference servers (every row but ``ours``) run ``--workers`` uvicorn workers, 1
+by default: the issue's figures compare with the single-process no-op ceiling and naive
+baseline.
 
 After the table, per model, a bound for the ``x raw`` figure (``http_bounds``): a server whose
 HTTP cost only what the no-op's does (its CPU and wrk's, per request) and whose inference
 cost only what raw batched onnxruntime's does, with no core ever idle, could serve the cores'
 CPU time divided by the sum of the two per request. Then the figures' three ratios once
 more, paired (``--paired-rounds``, ``run_paired``): both sides measured back to back, round
-after round, so that drifts in the host's speed cancel out; and the same ratios for
-``ours-mp`` and the prototypes.
+after round, so that drifts in the host's speed cancel out; and the same ratios for the
+prototypes.
+
+``--overload`` runs, instead of all that, the overload figure: ours alone, ResNet-20 binary
+requests, at 64 and 256 clients (or the two that ``--clients`` gives), both measured back to back
+each of ``--paired-rounds`` rounds of ``--duration`` s; per client count the answered
+requests/s, p50 and p99 (wrk's, of every response: 503s included when there are any), the
+503s (wrk's status errors), and the ratio p99 at 256 / p99 at 64 per round, the median over
+rounds (``overload`` in the JSON).
 
 The code is in bench/serving/: ``inputs`` (the models and the requests), ``servers`` (each
 server under test and how it is started and stopped), ``load`` (wrk, CPU time, raw
-onnxruntime), ``matrix`` (the runs and the paired ratios) and ``report`` (medians, ratios,
-the bound, the figures, the table). This module reads the command line, runs the matrix,
-prints the report and writes the JSON.
+onnxruntime), ``matrix`` (the runs, the paired ratios, the overload runs) and ``report`` (medians,
+ratios, the bound, the figures, the table, the overload figure). This module reads the
+command line, runs the matrix (or the overload runs), prints the report and writes the JSON.
 """
 
 from __future__ import annotations
@@ -61,27 +71,40 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.serving.matrix import run_matrix  # noqa: E402
-from bench.serving.report import print_report  # noqa: E402
-from bench.serving.servers import MULTI  # noqa: E402
+from bench.serving.matrix import run_matrix, run_overload  # noqa: E402
+from bench.serving.report import print_overload, print_report  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; the defaults of --duration, --repeat, --clients and --paired-rounds
-    depend on --quick."""
+    depend on --quick and --overload."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--quick", action="store_true", help="smoke run: digits, few rows, 1 s")
     parser.add_argument("--duration", type=float, default=None, help="seconds per cell (4)")
     parser.add_argument("--repeat", type=int, default=None, help="runs per cell, median (3)")
-    parser.add_argument("--clients", default=None, help="concurrent clients (1,8,64)")
-    parser.add_argument("--workers", type=int, default=1, help="uvicorn workers per server")
-    parser.add_argument("--threads", type=int, default=2, help="our onnxruntime threads")
     parser.add_argument(
-        "--processes",
+        "--clients", default=None, help="concurrent clients (1,8,64; --overload: 64,256)"
+    )
+    parser.add_argument(
+        "--overload",
+        action="store_true",
+        help="only the overload figure: ours, ResNet-20, two client counts, paired rounds",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="uvicorn workers of the reference servers (1)"
+    )
+    parser.add_argument(
+        "--ours-workers",
         type=int,
-        default=2,
-        help=f"also run this many copies of ours on one port, {MULTI} (2; 0 or 1: not)",
+        default=None,
+        help="our worker processes (default: the service's, one per CPU)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="our onnxruntime threads per session (default: the service's, CPUs / workers)",
     )
     parser.add_argument(
         "--ours-env", action="append", default=[], help="extra KEY=VALUE for our server"
@@ -102,7 +125,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.duration = args.duration or (1.0 if args.quick else 4.0)
     args.repeat = args.repeat or (1 if args.quick else 3)
-    args.clients = args.clients or ("1,8" if args.quick else "1,8,64")
+    if args.overload:
+        args.clients = args.clients or "64,256"
+    else:
+        args.clients = args.clients or ("1,8" if args.quick else "1,8,64")
     if args.paired_rounds is None:
         args.paired_rounds = 2 if args.quick else 6
     return args
@@ -117,8 +143,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
-    result = run_matrix(args)
-    print_report(result)
+    if args.overload:
+        result = run_overload(args)
+        print_overload(result)
+    else:
+        result = run_matrix(args)
+        print_report(result)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))

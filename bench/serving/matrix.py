@@ -1,6 +1,7 @@
 """The runs: raw onnxruntime first, then every server for each of its requests and each
 client count, ``--repeat`` times a cell; then the paired ratios, both sides of a figure
-measured back to back round after round. Builds the result that bench/run.py prints and
+measured back to back round after round. Or, with ``--overload``, only ours on ResNet-20 at
+two client counts, alternated the same way. Builds the result that bench/run.py prints and
 writes as JSON."""
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import os
 import shutil
 import statistics
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -26,8 +28,55 @@ from bench.serving.report import (
     format_row,
     http_bounds,
     summarize_cell,
+    summarize_overload,
 )
-from bench.serving.servers import Server, build_servers, free_port, start_server, stop_server
+from bench.serving.servers import (
+    Server,
+    build_servers,
+    free_port,
+    ours_settings,
+    start_server,
+    stop_server,
+)
+
+Side = TypeVar("Side")
+OVERLOAD_MODEL, OVERLOAD_REQUEST = "resnet20", "binary"
+
+
+def alternate(
+    rounds: int,
+    sides: Sequence[Side],
+    measure: Callable[[Side], Any],
+    after_round: Callable[[int, list[list[Any]]], None] | None = None,
+) -> list[list[Any]]:
+    """``measure`` of every side once a round, back to back, the order reversed every other
+    round, so that drifts in the host's speed hit all sides alike: one list per side, a value
+    per round. ``after_round(i, values)`` is called after each round (progress)."""
+    values: list[list[Any]] = [[] for _ in sides]
+    for i in range(rounds):
+        order = list(range(len(sides)))
+        for k in order if i % 2 == 0 else order[::-1]:
+            values[k].append(measure(sides[k]))
+        if after_round:
+            after_round(i, values)
+    return values
+
+
+def _settings(args: argparse.Namespace, clients: list[int]) -> dict[str, Any]:
+    """The run's settings for the JSON (ours' resolved workers and threads are added once it
+    runs)."""
+    return {
+        "duration_s": args.duration,
+        "repeat": args.repeat,
+        "clients": clients,
+        "uvicorn_workers": args.workers,
+        "ours_workers": args.ours_workers,
+        "ours_intra_op_threads": args.threads,
+        "ours_env": args.ours_env,
+        "quick": args.quick,
+        "cpus": os.cpu_count(),
+        "loadavg_start": os.getloadavg(),
+    }
 
 
 def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
@@ -40,18 +89,7 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
     servers, inputs = build_servers(repo, models, args)
     clients = [int(c) for c in args.clients.split(",")]
     result: dict[str, Any] = {
-        "settings": {
-            "duration_s": args.duration,
-            "repeat": args.repeat,
-            "clients": clients,
-            "uvicorn_workers": args.workers,
-            "ours_intra_op_threads": args.threads,
-            "multi_processes": args.processes,
-            "ours_env": args.ours_env,
-            "quick": args.quick,
-            "cpus": os.cpu_count(),
-            "loadavg_start": os.getloadavg(),
-        },
+        "settings": _settings(args, clients),
         "raw": {},
         "cells": [],
         "unavailable": {},
@@ -80,6 +118,8 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"{server.name}: {exc}", flush=True)
                 continue
             try:
+                if server.name == "ours":  # what it runs with: workers and threads
+                    result["settings"]["ours"] = ours_settings(server, proc)
                 for key, request in server.requests.items():
                     model, kind = key.split(":")
                     problem = check_request(port, request)
@@ -166,10 +206,11 @@ def run_paired(
         for label, top, bottom in wanted:
             measure(top, 8, 1)  # warm-up
             measure(bottom, 8, 1)
-            tops, bottoms = [], []
-            for i in range(args.paired_rounds):
-                for side in (top, bottom) if i % 2 == 0 else (bottom, top):
-                    (tops if side is top else bottoms).append(measure(side, clients, args.duration))
+            tops, bottoms = alternate(
+                args.paired_rounds,
+                (top, bottom),
+                lambda side: measure(side, clients, args.duration),
+            )
             ratios = [a / b for a, b in zip(tops, bottoms, strict=True)]
             out["pairs"][label] = {
                 "ratio": statistics.median(ratios),
@@ -183,3 +224,54 @@ def run_paired(
         for proc in procs.values():
             stop_server(proc)
     return out
+
+
+def run_overload(args: argparse.Namespace) -> dict[str, Any]:
+    """Ours alone on ResNet-20 binary requests at the two ``--clients`` counts (64 and 256),
+    both measured back to back each of ``--paired-rounds`` rounds: answered requests/s,
+    latency, refusals (503) and the paired ratio of p99 at the most clients to the fewest."""
+    if shutil.which("wrk") is None:
+        raise SystemExit("error: wrk not found; install it with `apt-get install -y wrk`")
+    levels = sorted(int(c) for c in args.clients.split(","))
+    if len(levels) != 2:
+        raise SystemExit(f"error: --overload takes two client counts, not {args.clients!r}")
+    repo = build_repository(args.models_dir)
+    servers, _ = build_servers(repo, [OVERLOAD_MODEL], args)
+    ours = next(s for s in servers if s.name == "ours")
+    request = ours.requests[f"{OVERLOAD_MODEL}:{OVERLOAD_REQUEST}"]
+    result: dict[str, Any] = {"settings": _settings(args, levels)}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        workdir, port = Path(tmp), free_port()
+        proc = start_server(ours, port, workdir / "ours.log")
+        try:
+            result["settings"]["ours"] = ours_settings(ours, proc)
+            problem = check_request(port, request)
+            if problem is not None:
+                raise RuntimeError(f"ours does not answer: {problem}")
+            run_wrk(port, request, 8, 2, workdir, proc.pid)  # warm-up
+
+            def measure(clients: int) -> dict[str, Any]:
+                run = run_wrk(port, request, clients, args.duration, workdir, proc.pid)
+                if "error" in run:
+                    raise RuntimeError(f"{clients} clients: {run['error']}")
+                return run
+
+            def progress(i: int, runs: list[list[dict[str, Any]]]) -> None:
+                line = ", ".join(
+                    f"{c} clients {r[-1]['rps']:.0f} req/s p99 {r[-1]['p99_ms']:.1f} ms "
+                    f"{r[-1]['status_errors']} refused"
+                    for c, r in zip(levels, runs, strict=True)
+                )
+                print(f"overload round {i + 1}: {line}", flush=True)
+
+            runs = alternate(args.paired_rounds, levels, measure, progress)
+        finally:
+            stop_server(proc)
+    result["overload"] = {
+        "model": OVERLOAD_MODEL,
+        "request": OVERLOAD_REQUEST,
+        "rounds": args.paired_rounds,
+        **summarize_overload(levels, runs),
+    }
+    result["settings"]["loadavg_end"] = os.getloadavg()
+    return result

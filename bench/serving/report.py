@@ -1,7 +1,8 @@
 """From measurements to figures: each cell's medians over its repeats, its throughput as a
 share of raw onnxruntime, the no-op and the naive server, the bound for the ``x raw`` figure
-(no-op HTTP plus raw compute), the issue's figures with their targets, the table and the
-pairs whose ratios are measured in alternation."""
+(no-op HTTP plus raw compute), the issue's figures with their targets, the table, the pairs
+whose ratios are measured in alternation, and the overload figure (latency and refusals at 64
+and 256 clients)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import statistics
 from typing import Any
 
 from bench.serving.inputs import MODELS
-from bench.serving.servers import MULTI
 
 # The figures' ratios measured once more in alternation: (name, numerator, denominator), each
 # side a (server, "model:request") or "raw" (onnxruntime alone, batch 32, 2 threads).
@@ -18,17 +18,9 @@ PAIRS = (
     ("resnet20: stats on / off", ("ours", "resnet20:binary+stats"), ("ours", "resnet20:binary")),
     ("resnet20: ours / raw batched", ("ours", "resnet20:binary"), "raw"),
 )
-# Not figures of the service: the same ratios for ``--processes`` copies of it on one port
-# (``MULTI``; the service runs one process), and for issue 4's prototype, bare and on uvicorn
+# Not figures of the service: the same ratios for issue 4's prototype, bare and on uvicorn
 # (bench/apps/prototype.py), the references for what the figures ask.
 EXPERIMENT_PAIRS = (
-    ("digits: ours-mp / noop", (MULTI, "digits:binary"), ("noop", "digits:binary")),
-    (
-        "resnet20: ours-mp stats on / off",
-        (MULTI, "resnet20:binary+stats"),
-        (MULTI, "resnet20:binary"),
-    ),
-    ("resnet20: ours-mp / raw batched", (MULTI, "resnet20:binary"), "raw"),
     ("resnet20: proto / raw batched", ("proto", "resnet20:binary"), "raw"),
     ("resnet20: proto-asgi / raw batched", ("proto-asgi", "resnet20:binary"), "raw"),
     ("digits: proto-asgi / noop", ("proto-asgi", "digits:binary"), ("noop", "digits:binary")),
@@ -92,14 +84,12 @@ def http_bounds(result: dict[str, Any]) -> dict[str, dict[str, float]]:
         compute_us = cpus * 1e6 / raw["batched_ips"]
         rps = cpus * 1e6 / (http_us + compute_us)
         ours = _find(result, "ours", model, clients, "binary")
-        multi = _find(result, MULTI, model, clients, "binary")
         bounds[model] = {
             "http_us_per_request": http_us,
             "compute_us_per_image": compute_us,
             "bound_rps": rps,
             "bound_x_raw": rps / raw["batched_ips"],
             "ours_x_bound": ours["rps"] / rps if ours else None,
-            "ours_mp_x_bound": multi["rps"] / rps if multi else None,
             "clients": clients,
         }
     return bounds
@@ -199,10 +189,59 @@ def print_report(result: dict[str, Any]) -> None:
     pairs = result.get("paired", {}).get("pairs", {})
     experiments = [label for label, *_ in EXPERIMENT_PAIRS if label in pairs]
     if experiments:
-        processes = result["settings"].get("multi_processes")
         print(
-            f"\nexperiments, not figures: {MULTI} = {processes} processes of ours on one port; "
-            "proto = issue 4's prototype (bench/apps/prototype.py), proto-asgi = on uvicorn:"
+            "\nexperiments, not figures: proto = issue 4's prototype (bench/apps/prototype.py), "
+            "proto-asgi = on uvicorn:"
         )
     for label in experiments:
         print(f"  paired, {label:43} {pairs[label]['ratio']:>6.2f}")
+
+
+def summarize_overload(levels: list[int], runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """The overload figure from paired rounds: ``runs[k][i]`` is round ``i`` at ``levels[k]``
+    clients (two levels, fewest first). Per level the medians of answered requests/s, p50 and
+    p99 and the sum of refusals (wrk's status errors: 503 overloaded); the ratio of p99 at the
+    most clients to p99 at the fewest, per round, and its median."""
+    low, high = runs
+    summary: dict[str, Any] = {"levels": []}
+    for clients, level_runs in zip(levels, runs, strict=True):
+        summary["levels"].append(
+            {
+                "clients": clients,
+                "rps": statistics.median(r["rps"] for r in level_runs),
+                "p50_ms": statistics.median(r["p50_ms"] for r in level_runs),
+                "p99_ms": statistics.median(r["p99_ms"] for r in level_runs),
+                "refused": sum(r["status_errors"] for r in level_runs),
+                "socket_errors": sum(r["socket_errors"] for r in level_runs),
+                "requests": sum(r["requests"] for r in level_runs),
+                "runs": level_runs,
+            }
+        )
+    ratios = [h["p99_ms"] / lo["p99_ms"] for lo, h in zip(low, high, strict=True)]
+    summary["p99_ratios"] = ratios
+    summary["p99_ratio"] = statistics.median(ratios)
+    # wrk's percentiles are of every response: with refusals (answered at once) among them
+    # they understate the answered requests' latency.
+    summary["latency_includes_refused"] = any(level["refused"] for level in summary["levels"])
+    return summary
+
+
+def print_overload(result: dict[str, Any]) -> None:
+    """The overload figure: a line per client count, then the paired p99 ratio."""
+    overload, ours = result["overload"], result["settings"]["ours"]
+    print(
+        f"\noverload, {overload['model']} {overload['request']}, ours with "
+        f"{ours['worker_processes']} workers x {ours['intra_op_threads']} threads, "
+        f"{overload['rounds']} paired rounds of {result['settings']['duration_s']:g} s:"
+    )
+    print(f"  {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'503s':>7} {'sock err':>8}")
+    for level in overload["levels"]:
+        print(
+            f"  {level['clients']:>7} {level['rps']:>8.0f} {level['p50_ms']:>8.2f} "
+            f"{level['p99_ms']:>8.2f} {level['refused']:>7} {level['socket_errors']:>8}"
+        )
+    low, high = (level["clients"] for level in overload["levels"])
+    rounds = ", ".join(f"{r:.2f}" for r in overload["p99_ratios"])
+    print(f"  p99 at {high} / p99 at {low} clients, paired: {overload['p99_ratio']:.2f} ({rounds})")
+    if overload["latency_includes_refused"]:
+        print("  (latency percentiles include the refused requests: wrk's have no status)")

@@ -1,7 +1,8 @@
 """The servers under test: how each is started (command line, environment, health URL), on
 which free port of 127.0.0.1, and stopped with its whole process group; ``build_servers``
-lists every row of the benchmark (no-op ceilings, ours, ours on several processes, naive,
-the prototypes, LitServe and BentoML from their own venv) with the requests each answers."""
+lists every row of the benchmark (the no-op ceiling, ours, naive, the prototypes, LitServe and
+BentoML from their own venv) with the requests each answers; ``ours_settings`` tells the worker
+processes and onnxruntime threads ours runs with."""
 
 from __future__ import annotations
 
@@ -20,14 +21,19 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench.serving.inputs import Request, octet_stream, our_requests, sample_input
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 BENCH_VENV = ROOT / ".venv-bench"
-# ``--processes`` copies of ours on one port: an experiment, the service runs one process.
-MULTI = "ours-mp"
+# What the service resolves from its environment, printed as JSON by ``ours_settings`` (None
+# for a setting that an older tree, in an A/B run, does not have).
+RESOLVED_SETTINGS = (
+    "import json; from service.settings import load_settings; s = load_settings(); "
+    "print(json.dumps({k: getattr(s, k, None) for k in ('workers', 'intra_op_threads')}))"
+)
 
 
 @dataclass
@@ -93,11 +99,35 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait(5)
 
 
-def reuseport_argv(processes: int, command: list[str]) -> list[str]:
-    """``command`` run as ``processes`` copies on one port (``{port}``), each with its own
-    SO_REUSEPORT socket passed as ``--fd`` (bench/apps/reuseport.py)."""
-    launcher = [PY, "bench/apps/reuseport.py", "--processes", str(processes)]
-    return [*launcher, "--host", "127.0.0.1", "--port", "{port}", "--", *command]
+def ours_settings(server: Server, proc: subprocess.Popen | None = None) -> dict[str, Any]:
+    """The worker processes and onnxruntime threads (per session; models under the service's
+    small-model bound use one) that ``python -m service`` resolves from ``server``'s
+    environment and tree; with its running ``proc``, also the worker processes it really has
+    (uvicorn's supervisor spawns them; one worker runs in the supervisor's own process)."""
+    env = {**os.environ, **server.env, "PYTHONPATH": str(server.tree)}
+    out = subprocess.run(
+        [PY, "-c", RESOLVED_SETTINGS],
+        cwd=server.tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    resolved: dict[str, Any] = json.loads(out.stdout)
+    if proc is not None:
+        resolved["worker_processes"] = max(1, len(spawned_children(proc.pid)))
+    return resolved
+
+
+def spawned_children(pid: int) -> list[int]:
+    """The children of ``pid`` started by multiprocessing's spawn (uvicorn's workers), not its
+    resource tracker."""
+    found = []
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        with contextlib.suppress(OSError):
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(int(child))
+    return found
 
 
 def build_servers(
@@ -111,24 +141,25 @@ def build_servers(
         "{port}",
         "--log-level",
         "warning",
-        "--workers",
-        str(args.workers),
         "--no-access-log",
     ]
     inputs = {m: sample_input(repo / m / "1" / "model.onnx") for m in models}
     servers: list[Server] = []
-    uvicorn = [PY, "-m", "uvicorn", *options]
-    # The ceiling runs on the same stack as ours: uvicorn, same options.
+    # The references run ``--workers`` uvicorn workers (1: the issue's figures compare with
+    # the single-process no-op ceiling and naive baseline); ours its own default, see below.
+    uvicorn = [PY, "-m", "uvicorn", *options, "--workers", str(args.workers)]
+    # The ceiling runs on the same stack as ours: uvicorn, the same options, one process.
     noop = Server("noop", [*uvicorn, "bench.apps.noop:app"], {}, "/health")
     for m in models:
         noop.requests[f"{m}:binary"] = octet_stream("/noop", inputs[m][1].tobytes())
     servers.append(noop)
-    ours_env = {
-        "RELU_SERVE_MODEL_ROOT": str(repo),
-        "RELU_SERVE_LOG_LEVEL": "warning",
-        "RELU_SERVE_INTRA_OP_THREADS": str(args.threads),
-        "RELU_SERVE_MAX_QUEUE_LENGTH": "256",
-    }
+    ours_env = {"RELU_SERVE_MODEL_ROOT": str(repo), "RELU_SERVE_LOG_LEVEL": "warning"}
+    # Unset, the service's defaults: a worker per CPU, the CPUs divided among them. Through
+    # the environment, not ``--workers``: the workers divide the threads by the setting.
+    if args.ours_workers is not None:
+        ours_env["RELU_SERVE_WORKERS"] = str(args.ours_workers)
+    if args.threads is not None:
+        ours_env["RELU_SERVE_INTRA_OP_THREADS"] = str(args.threads)
     for item in args.ours_env:
         key, _, value = item.partition("=")
         ours_env[key] = value
@@ -139,19 +170,6 @@ def build_servers(
                 continue
             ours.requests[f"{m}:{kind}"] = request
     servers.append(ours)
-    if args.processes > 1:  # an experiment: the service runs one process (see reuseport.py)
-        command = [PY, "-m", "service", "--log-level", "warning", "--no-access-log"]
-        threads = str(max(1, args.threads // args.processes))
-        multi = Server(
-            MULTI,
-            reuseport_argv(args.processes, command),
-            {**ours_env, "RELU_SERVE_INTRA_OP_THREADS": threads},
-            "/health/ready",
-        )
-        for key, request in ours.requests.items():
-            if key.endswith((":binary", ":binary+stats")):
-                multi.requests[key] = request
-        servers.append(multi)
     for m in models:
         path = str(repo / m / "1" / "model.onnx")
         x = inputs[m][1]
