@@ -34,6 +34,7 @@ from service.settings import load_settings
 APP = "service.main:app"
 PROMETHEUS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 SHARED_DIR_VARIABLE = "RELU_SERVE_SHARED_DIR"
+WORKERS_VARIABLE = "RELU_SERVE_WORKERS"
 # The parts of the shared folder emptied at every start: counts of an earlier run would be
 # read as this one's (prometheus_client requires an empty multiprocess folder at start).
 SHARED_PARTS = ("metrics", "monitor")
@@ -44,26 +45,42 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if "--help" in args:
         sys.stdout.write(__doc__.replace("``", "`").strip() + "\n\n")
-    elif "--reload" not in args and not any(a.split("=")[0] == "--workers" for a in args):
-        args = [*args, "--workers", str(load_settings().workers)]  # the reloader runs one
+    given = _option_value(args, "--workers")
+    if given is None and "--help" not in args and "--reload" not in args:  # the reloader: 1
+        args = [*args, "--workers", str(load_settings().workers)]
     previous = signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
-        with shared_folder():
+        with shared_folder(workers=given):
             uvicorn.main.main([APP, *args], prog_name="python -m service")
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _option_value(args: list[str], option: str) -> str | None:
+    """The value of ``option`` on a command line (``--opt V`` or ``--opt=V``), else None."""
+    for i, arg in enumerate(args):
+        if arg == option and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(option + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 @contextmanager
-def shared_folder() -> Iterator[Path]:
+def shared_folder(workers: str | None = None) -> Iterator[Path]:
     """The workers' shared folder, in the environment they inherit: ``RELU_SERVE_SHARED_DIR``
-    with its parts emptied, or a fresh temporary folder removed at the end."""
+    with its parts emptied, or a fresh temporary folder removed at the end; and
+    ``RELU_SERVE_WORKERS`` set to ``workers`` when the command line gives a count, so each
+    worker divides the CPUs among as many as run."""
     given = os.environ.get(SHARED_DIR_VARIABLE)
     folder = Path(given) if given else Path(tempfile.mkdtemp(prefix="relu-serve-"))
     for part in SHARED_PARTS:
         shutil.rmtree(folder / part, ignore_errors=True)
         (folder / part).mkdir(parents=True)
-    saved = {name: os.environ.get(name) for name in (SHARED_DIR_VARIABLE, PROMETHEUS_DIR_VARIABLE)}
+    names = (SHARED_DIR_VARIABLE, PROMETHEUS_DIR_VARIABLE, WORKERS_VARIABLE)
+    saved = {name: os.environ.get(name) for name in names}
+    if workers is not None:
+        os.environ[WORKERS_VARIABLE] = workers
     os.environ[SHARED_DIR_VARIABLE] = str(folder)
     os.environ[PROMETHEUS_DIR_VARIABLE] = str(folder / "metrics")
     try:

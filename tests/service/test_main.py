@@ -36,17 +36,23 @@ def test_the_launcher_puts_our_app_first(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_the_callers_worker_count_wins(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[list[str]] = []
-    monkeypatch.setattr("uvicorn.main.main", lambda args, prog_name: seen.append(args))
+    # ... and reaches the workers' settings, which divide the CPUs among that many.
+    seen: list[tuple[list[str], str]] = []
+
+    def fake_uvicorn_main(args: list[str], prog_name: str) -> None:
+        seen.append((args, os.environ["RELU_SERVE_WORKERS"]))
+
+    monkeypatch.setattr("uvicorn.main.main", fake_uvicorn_main)
     monkeypatch.setenv("RELU_SERVE_WORKERS", "3")
     main(["--workers", "1"])
     main(["--workers=2"])
     main(["--reload"])  # uvicorn's reloader serves one process
     assert seen == [
-        ["service.main:app", "--workers", "1"],
-        ["service.main:app", "--workers=2"],
-        ["service.main:app", "--reload"],
+        (["service.main:app", "--workers", "1"], "1"),
+        (["service.main:app", "--workers=2"], "2"),
+        (["service.main:app", "--reload"], "3"),
     ]
+    assert os.environ["RELU_SERVE_WORKERS"] == "3"
 
 
 def test_workers_share_a_fresh_folder_removed_at_the_end(

@@ -229,3 +229,33 @@ def test_a_restart_keeps_the_default_version_set_at_run_time(repository: Path) -
         with Load(url) as load:
             time.sleep(1)
         assert load.versions_since(0) == {"1"}
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith((name + "{", name + " ")):
+            continue
+        series, value = line.rsplit(" ", 1)
+        if all(f'{key}="{wanted}"' in series for key, wanted in labels.items()):
+            total += float(value)
+    return total
+
+
+def test_metrics_count_the_requests_of_every_worker(two_workers: tuple[str, int]) -> None:
+    url, master = two_workers
+    workers = workers_of(master)
+    before = {pid: cpu_seconds(pid) for pid in workers}
+    with Load(url) as load:
+        time.sleep(2)
+    sent = len(load.since(0))
+    assert set(load.since(0)) == {"200"}
+    # Both workers answered a part of them.
+    assert all(cpu_seconds(pid) > before[pid] for pid in workers)
+    text = httpx.get(f"{url}/metrics").text
+    route = "/v1/models/{name}/predict"
+    counted = metric_sum(text, "relu_serve_http_requests_total", route=route, status="2xx")
+    assert counted == sent
+    assert metric_sum(text, "relu_serve_http_request_duration_seconds_count", route=route) == sent
+    assert metric_sum(text, "relu_serve_ready") == 1
