@@ -19,11 +19,15 @@ from typing import Any
 
 import anyio.to_thread
 import numpy as np
+from prometheus_client.core import Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
 
 from service.core.batching import BatcherClosedError, BatchReport, ModelBatcher, QueueFullError
 from service.core.errors import BadRequestError, PayloadTooLargeError, ServiceUnavailableError
 from service.core.images import decode_image, default_preprocessing, preprocess_images
 from service.core.metrics import GaugeFamily, ServiceMetrics
+from service.core.monitor import collect_metrics, monitor_factory
 from service.core.repository import ModelRepository
 from service.runtime.loaded_model import STATS_MODES, LoadedModel, ModelInputError, RunResult
 from service.settings import ServiceSettings
@@ -68,8 +72,7 @@ class DataPlane:
             batch_sizes=lambda name: settings.batching_for(name)[0],
             threads=settings.intra_op_threads,
             strict=settings.strict_providers,
-            window=settings.monitor_window,
-            drift_threshold=settings.drift_threshold,
+            monitor_factory=monitor_factory(settings),
             default_versions=settings.default_versions,
         )
         await anyio.to_thread.run_sync(repository.load_all)  # loads and warms up each version
@@ -234,12 +237,8 @@ class DataPlane:
         result = await self._run(model, x, run_stats)
         # Only the monitored (latest) version feeds the monitor: its layers and reference
         # profile belong to that version.
-        if (
-            result.per_sample_active
-            and self.repository is not None
-            and self.repository.record(model, result.per_sample_active)
-        ):
-            self.metrics.monitor_samples.inc(int(x.shape[0]), model=model.name)
+        if result.per_sample_active and self.repository is not None:
+            self.repository.record(model, result.per_sample_active)
         if sampled:  # the client did not ask: give it the plain answer
             result = RunResult(
                 logits=result.logits,
@@ -330,51 +329,41 @@ class DataPlane:
         self.repository.monitor(name).reset()
 
     def _collect_monitor_metrics(self) -> list[GaugeFamily]:
-        """Per model and layer gauges from the monitors, computed at scrape time."""
-        ns = "relu_serve"
-        inactive = GaugeFamily(
-            f"{ns}_activation_inactive_fraction",
-            "Rolling share of inactive activations over the monitor window.",
-            ("model", "layer"),
-        )
-        dead = GaugeFamily(
-            f"{ns}_activation_dead_units",
-            "Channels with no activity over the full monitor window (NaN until it is full).",
-            ("model", "layer"),
-        )
-        drift = GaugeFamily(
-            f"{ns}_activation_drift_score",
-            "Distance of live per-channel activity from the reference profile.",
-            ("model", "layer"),
-        )
-        drifted = GaugeFamily(
-            f"{ns}_activation_drifted",
-            "1 when the layer's drift exceeds drift_threshold over a full window.",
-            ("model", "layer"),
-        )
+        """The queue length and the monitors' families (``service.core.monitor``), at scrape
+        time."""
         queue = GaugeFamily(
-            f"{ns}_inference_queue_length",
+            "relu_serve_inference_queue_length",
             "Requests waiting for or in a model run (all models).",
             (),
         )
         queue.add(self.pending)
-        window = GaugeFamily(
-            f"{ns}_monitor_window_samples",
-            "Samples currently in the model's monitor window.",
-            ("model",),
-        )
-        if self.repository is None:
-            return [queue, inactive, dead, drift, drifted, window]
-        for name in self.model_names():
-            snapshot = self.repository.monitor(name).snapshot()
-            window.add(snapshot.get("samples", 0), name)
-            for layer in snapshot.get("layers", []):
-                lname = layer["name"]
-                inactive.add(_num(layer.get("inactive_fraction")), name, lname)
-                dead.add(_num(layer.get("dead_units")), name, lname)
-                drift.add(_num(layer.get("drift")), name, lname)
-                drifted.add(1.0 if layer.get("drifted") else 0.0, name, lname)
-        return [queue, inactive, dead, drift, drifted, window]
+        repository = self.repository
+        monitors = [repository.monitor(n) for n in self.model_names()] if repository else []
+        return [queue, _ClientFamilies(collect_metrics(monitors))]
+
+
+class _ClientFamilies(GaugeFamily):
+    """prometheus_client families in the text of ``service.core.metrics``' own registry (glue
+    until that module moves to prometheus_client; then the collector returns the families)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        super().__init__("", "", ())
+        self.families = families
+
+    def lines(self) -> list[str]:
+        """HELP, TYPE and sample lines of every family."""
+        return generate_latest(_Families(self.families)).decode().splitlines()
+
+
+class _Families(Collector):
+    """A fixed list of families, as prometheus_client's exposition reads a registry."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        """The families."""
+        return self.families
 
 
 class _Repository(ModelRepository):
@@ -411,7 +400,3 @@ def _expire(future: asyncio.Future[RunResult]) -> None:
     """The time limit ran out: fail the request (its run, if any, goes on without it)."""
     if not future.done():
         future.set_exception(TimeoutError())
-
-
-def _num(value: Any) -> float:
-    return float("nan") if value is None else float(value)

@@ -356,13 +356,6 @@ class ServiceMetrics:
         self.ready = reg(
             Gauge(f"{ns}_ready", "1 when every model is loaded and warmed up, 0 otherwise.")
         )
-        self.monitor_samples = reg(
-            Counter(
-                f"{ns}_monitor_samples_total",
-                "Samples fed to the live activation monitor, by model.",
-                ("model",),
-            )
-        )
 
     def render(self) -> str:
         """The exposition text."""

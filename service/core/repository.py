@@ -25,14 +25,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
 
-from service.core.monitor import DEFAULT_DRIFT_THRESHOLD, ActivationMonitor
+from service.core.monitor import DEFAULT_DRIFT_THRESHOLD, ActivationMonitor, monitor_for
 from service.runtime.loaded_model import LoadedModel, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,7 @@ class ModelRepository:
         skip_broken: bool = False,
         default_versions: Mapping[str, str | int] | None = None,
         gpu_batch: int = 64,
+        monitor_factory: Callable[[LoadedModel], ActivationMonitor] | None = None,
     ):
         self.root = Path(root)
         self.gpu_batch = gpu_batch
@@ -149,6 +150,10 @@ class ModelRepository:
         self.strict = strict
         self.window = window
         self.drift_threshold = drift_threshold
+        # The default version's monitor; by default in memory, ``window`` its min_samples.
+        self.monitor_factory = monitor_factory or partial(
+            monitor_for, min_samples=window, drift_threshold=drift_threshold
+        )
         self.share_weights = share_weights
         self.skip_broken = skip_broken
         self._state = _State(
@@ -277,12 +282,7 @@ class ModelRepository:
             default = table[name][next_state.default_of(name)]
             entry = current.monitors.get(name)
             if entry is None or entry[0] is not default:
-                entry = (
-                    default,
-                    ActivationMonitor(
-                        default.layers, default.reference, self.window, self.drift_threshold
-                    ),
-                )
+                entry = (default, self.monitor_factory(default))
             next_state.monitors[name] = entry
         self._state = next_state
 

@@ -52,7 +52,7 @@ def _find(env: str, *names: str) -> str:
 @pytest.fixture(scope="session")
 def server_url() -> Iterator[str]:
     """``http://127.0.0.1:<port>`` of a uvicorn subprocess serving ``models/``."""
-    env = {"RELU_SERVE_MONITOR_WINDOW": str(MONITOR_WINDOW)}
+    env = {"RELU_SERVE_MONITOR_MIN_SAMPLES": str(MONITOR_WINDOW)}
     with uvicorn_server(MODEL_ROOT, env=env) as (url, _process):
         yield url
 
