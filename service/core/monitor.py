@@ -399,7 +399,7 @@ class ActivationMonitor:
             self._columns[name] = slice(width, width + channels)
             width += channels
         self._width = width
-        self._readers: dict[Path, _Store] = {}  # other workers' store files, mapped once
+        self._readers: dict[Path, _Store] = {}  # every store file of this version, mapped once
         if shared_dir is None:
             self._folder: Path | None = None
             self._generation = _Generation(None)
