@@ -9,12 +9,21 @@ message names the variable, so a misconfigured container stops at start-up and s
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
@@ -125,9 +134,17 @@ class ServiceSettings(BaseSettings):
     max_top_k: int = Field(default=100, ge=1)
     """Upper bound of ``top_k`` in predict requests (also capped by the number of labels)."""
 
-    monitor_window: int = Field(default=512, ge=1)
-    """Samples in each model's rolling activation window; dead units are reported only once
-    the window is full."""
+    monitor_window_s: float = Field(default=300.0, gt=0.0, le=7 * 24 * 3600.0)
+    """Seconds of traffic in each model's live activation window (``service.core.monitor``):
+    the last ``monitor_window_s`` seconds, to a bucket's precision, over every worker."""
+
+    monitor_bucket_s: float = Field(default=10.0, gt=0.0)
+    """Seconds per bucket of the live window: the window moves on by whole buckets, and holds
+    ``monitor_window_s / monitor_bucket_s`` of them (a whole number, at most 3600)."""
+
+    monitor_min_samples: int = Field(default=512, ge=1)
+    """Samples the live window must hold before dead units and drift verdicts are claimed
+    (fewer give noisy rates); the window is "full" from then on."""
 
     drift_threshold: float = Field(default=0.1, gt=0.0)
     """Drift score above which a layer is flagged as drifted from its reference profile."""
@@ -254,6 +271,21 @@ class ServiceSettings(BaseSettings):
         if not 0.0 <= fraction <= 1.0:
             raise ValueError("must be 'requested' or a fraction between 0 and 1")
         return fraction
+
+    @field_validator("monitor_bucket_s")
+    @classmethod
+    def _check_monitor_bucket(cls, value: float, info: ValidationInfo) -> float:
+        """The window is a whole number of buckets, at most 3600 (a store grows with them)."""
+        window = info.data.get("monitor_window_s")
+        if window is None:  # the window itself failed validation
+            return value
+        buckets = round(window / value)
+        if not 1 <= buckets <= 3600 or not math.isclose(buckets * value, window, rel_tol=1e-9):
+            raise ValueError(
+                f"monitor_window_s ({window:g}) must hold a whole number (1 to 3600) of "
+                f"buckets of monitor_bucket_s seconds"
+            )
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -20,8 +20,8 @@ from typing import Any
 
 import anyio.to_thread
 import numpy as np
-from prometheus_client import Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import Histogram
+from prometheus_client.core import Metric
 
 from service.core.batching import (
     BatcherClosedError,
@@ -33,6 +33,7 @@ from service.core.batching import (
 from service.core.errors import BadRequestError, PayloadTooLargeError, ServiceUnavailableError
 from service.core.images import decode_image, default_preprocessing, preprocess_images
 from service.core.metrics import ServiceMetrics
+from service.core.monitor import collect_metrics, monitor_factory
 from service.core.repository import ModelRepository
 from service.runtime.loaded_model import STATS_MODES, LoadedModel, ModelInputError, RunResult
 from service.settings import ServiceSettings
@@ -61,7 +62,6 @@ class DataPlane:
         # Label children looked up once (prometheus_client's ``labels`` takes a lock and
         # builds a key): per run in ``_record_batch``, per model for the monitor.
         self._run_children: dict[tuple[str, str, str], tuple[Histogram, Histogram, Histogram]] = {}
-        self._monitor_children: dict[str, Counter] = {}
         metrics.add_collector(self._collect_monitor_metrics)
 
     # ----------------------------------------------------------------- lifecycle
@@ -81,8 +81,7 @@ class DataPlane:
             batch_sizes=lambda name: settings.batching_for(name)[0],
             threads=settings.intra_op_threads,
             strict=settings.strict_providers,
-            window=settings.monitor_window,
-            drift_threshold=settings.drift_threshold,
+            monitor_factory=monitor_factory(settings),
             default_versions=settings.default_versions,
         )
         await anyio.to_thread.run_sync(repository.load_all)  # loads and warms up each version
@@ -248,16 +247,8 @@ class DataPlane:
         result = await self._run(model, x, run_stats)
         # Only the monitored (latest) version feeds the monitor: its layers and reference
         # profile belong to that version.
-        if (
-            result.per_sample_active
-            and self.repository is not None
-            and self.repository.record(model, result.per_sample_active)
-        ):
-            samples = self._monitor_children.get(model.name)
-            if samples is None:
-                samples = self.metrics.monitor_samples.labels(model=model.name)
-                self._monitor_children[model.name] = samples
-            samples.inc(int(x.shape[0]))
+        if result.per_sample_active and self.repository is not None:
+            self.repository.record(model, result.per_sample_active)
         if sampled:  # the client did not ask: give it the plain answer
             result = RunResult(
                 logits=result.logits,
@@ -369,48 +360,11 @@ class DataPlane:
         self.repository.monitor(name).reset()
 
     def _collect_monitor_metrics(self) -> list[Metric]:
-        """Per model and layer gauges from the monitors, computed at scrape time (this
-        process's monitors: in multiprocess mode, the scraped worker's)."""
-        ns = "relu_serve"
-        labels = ("model", "layer")
-        inactive = GaugeMetricFamily(
-            f"{ns}_activation_inactive_fraction",
-            "Rolling share of inactive activations over the monitor window.",
-            labels=labels,
-        )
-        dead = GaugeMetricFamily(
-            f"{ns}_activation_dead_units",
-            "Channels with no activity over the full monitor window (NaN until it is full).",
-            labels=labels,
-        )
-        drift = GaugeMetricFamily(
-            f"{ns}_activation_drift_score",
-            "Distance of live per-channel activity from the reference profile.",
-            labels=labels,
-        )
-        drifted = GaugeMetricFamily(
-            f"{ns}_activation_drifted",
-            "1 when the layer's drift exceeds drift_threshold over a full window.",
-            labels=labels,
-        )
-        window = GaugeMetricFamily(
-            f"{ns}_monitor_window_samples",
-            "Samples currently in the model's monitor window.",
-            labels=("model",),
-        )
-        families: list[Metric] = [inactive, dead, drift, drifted, window]
-        if self.repository is None:
-            return families
-        for name in self.model_names():
-            snapshot = self.repository.monitor(name).snapshot()
-            window.add_metric([name], snapshot.get("samples", 0))
-            for layer in snapshot.get("layers", []):
-                key = [name, layer["name"]]
-                inactive.add_metric(key, _num(layer.get("inactive_fraction")))
-                dead.add_metric(key, _num(layer.get("dead_units")))
-                drift.add_metric(key, _num(layer.get("drift")))
-                drifted.add_metric(key, 1.0 if layer.get("drifted") else 0.0)
-        return families
+        """The monitors' families (``service.core.monitor``), at scrape time: merged over
+        every worker's counts."""
+        repository = self.repository
+        monitors = [repository.monitor(n) for n in self.model_names()] if repository else []
+        return collect_metrics(monitors)
 
 
 class _Repository(ModelRepository):
@@ -447,7 +401,3 @@ def _expire(future: asyncio.Future[RunResult]) -> None:
     """The time limit ran out: fail the request (its run, if any, goes on without it)."""
     if not future.done():
         future.set_exception(TimeoutError())
-
-
-def _num(value: Any) -> float:
-    return float("nan") if value is None else float(value)

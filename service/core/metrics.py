@@ -138,12 +138,6 @@ class ServiceMetrics:
             registry=reg,
             multiprocess_mode="livesum",
         )
-        self.monitor_samples = Counter(
-            f"{ns}_monitor_samples_total",
-            "Samples fed to the live activation monitor, by model.",
-            ("model",),
-            registry=reg,
-        )
         if self.multiprocess_dir is None:
             self._exposed = self.registry
         else:

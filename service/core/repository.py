@@ -44,13 +44,13 @@ import tempfile
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from service.core.monitor import DEFAULT_DRIFT_THRESHOLD, ActivationMonitor
+from service.core.monitor import DEFAULT_DRIFT_THRESHOLD, ActivationMonitor, monitor_for
 from service.runtime.loaded_model import LoadedModel, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -272,6 +272,7 @@ class ModelRepository:
         skip_broken: bool = False,
         default_versions: Mapping[str, str | int] | None = None,
         gpu_batch: int = 64,
+        monitor_factory: Callable[[LoadedModel], ActivationMonitor] | None = None,
     ):
         self.root = Path(root)
         self.gpu_batch = gpu_batch
@@ -280,6 +281,10 @@ class ModelRepository:
         self.strict = strict
         self.window = window
         self.drift_threshold = drift_threshold
+        # The default version's monitor; by default in memory, ``window`` its min_samples.
+        self.monitor_factory = monitor_factory or partial(
+            monitor_for, min_samples=window, drift_threshold=drift_threshold
+        )
         self.share_weights = share_weights
         self.skip_broken = skip_broken
         # The setting's pins: they apply to models whose state file sets no default.
@@ -485,12 +490,7 @@ class ModelRepository:
             default = table[name][next_state.default_of(name)]
             entry = current.monitors.get(name)
             if entry is None or entry[0] is not default:
-                entry = (
-                    default,
-                    ActivationMonitor(
-                        default.layers, default.reference, self.window, self.drift_threshold
-                    ),
-                )
+                entry = (default, self.monitor_factory(default))
             next_state.monitors[name] = entry
         self._state = next_state
 

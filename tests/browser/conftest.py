@@ -20,7 +20,7 @@ from tests.server_helpers import uvicorn_server
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_ROOT = REPO_ROOT / "models"
 # Small, so a few requests fill it and the page shows dead units, not "window filling".
-MONITOR_WINDOW = 4
+MONITOR_MIN_SAMPLES = 4
 # Without the background-networking flags Chromium reaches for Google's servers at start-up,
 # and on a closed network its connections, ours included, are refused.
 CHROMIUM_FLAGS = (
@@ -52,7 +52,7 @@ def _find(env: str, *names: str) -> str:
 @pytest.fixture(scope="session")
 def server_url() -> Iterator[str]:
     """``http://127.0.0.1:<port>`` of a uvicorn subprocess serving ``models/``."""
-    env = {"RELU_SERVE_MONITOR_WINDOW": str(MONITOR_WINDOW)}
+    env = {"RELU_SERVE_MONITOR_MIN_SAMPLES": str(MONITOR_MIN_SAMPLES)}
     with uvicorn_server(MODEL_ROOT, env=env) as (url, _process):
         yield url
 

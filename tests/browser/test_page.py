@@ -21,7 +21,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.browser.conftest import MONITOR_WINDOW
+from tests.browser.conftest import MONITOR_MIN_SAMPLES
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.network]
 WAIT_S = 10
@@ -249,7 +249,8 @@ def test_monitor_populates_refreshes_and_resets(
     assert browser.switch_to.active_element.get_attribute("id") == "tab-monitor"
     assert browser.find_element(By.ID, "panel-monitor").is_displayed()
     assert not browser.find_element(By.ID, "panel-try").is_displayed()
-    wait_for(browser, lambda d: f"of {MONITOR_WINDOW} samples" in text_of(d, "monitor-fill-text"))
+    fill = f"of {MONITOR_MIN_SAMPLES} samples"
+    wait_for(browser, lambda d: fill in text_of(d, "monitor-fill-text"))
 
     # Reset with the keyboard (Space on the button), then the window is empty.
     browser.find_element(By.ID, "monitor-reset").send_keys(Keys.SPACE)
@@ -260,7 +261,7 @@ def test_monitor_populates_refreshes_and_resets(
 
     # Live traffic that asks for statistics fills the window; the page refreshes itself.
     image = digit_png.read_bytes()
-    for i in range(MONITOR_WINDOW):
+    for i in range(MONITOR_MIN_SAMPLES):
         response = httpx.post(
             f"{server_url}/v1/models/digits/predict",
             params={"stats": "summary"},
@@ -268,7 +269,7 @@ def test_monitor_populates_refreshes_and_resets(
             timeout=10,
         )
         assert response.status_code == 200, response.text
-    full = f"{MONITOR_WINDOW} of {MONITOR_WINDOW} samples (100%), full"
+    full = f"{MONITOR_MIN_SAMPLES} of {MONITOR_MIN_SAMPLES} samples (100%), full"
     wait_for(browser, lambda d: text_of(d, "monitor-fill-text").startswith(full))
     assert "threshold 0.10" in text_of(browser, "monitor-drift")
     rows = browser.find_elements(By.CSS_SELECTOR, "#monitor-table tbody tr")

@@ -100,7 +100,7 @@ def test_openapi_docs(client: TestClient) -> None:
 
 
 def test_live_monitor_counts_requests_that_asked_for_statistics(model_repo: Path) -> None:
-    with TestClient(create_app(make_settings(model_repo, monitor_window=16))) as client:
+    with TestClient(create_app(make_settings(model_repo, monitor_min_samples=16))) as client:
         plane = client.app.state.plane  # type: ignore[attr-defined]
         assert client.post("/v1/models/tiny/activations/reset").status_code == 200
         before = plane.monitor_snapshot("tiny")

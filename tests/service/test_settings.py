@@ -26,6 +26,8 @@ def test_defaults_are_sane() -> None:
     assert settings.strict_providers is False
     assert settings.intra_op_threads >= 1
     assert settings.monitor_sampling == "requested"
+    assert (settings.monitor_window_s, settings.monitor_bucket_s) == (300, 10)
+    assert settings.monitor_min_samples == 512
     assert settings.max_batch_size >= 1
     assert settings.log_level == "info"
 
@@ -78,6 +80,9 @@ def test_overrides_win_over_environment(monkeypatch: pytest.MonkeyPatch) -> None
         ("RELU_SERVE_MODEL_PROVIDERS", '{"digits": []}', "'digits' needs at least one"),
         ("RELU_SERVE_REQUEST_TIMEOUT_S", "-1", "RELU_SERVE_REQUEST_TIMEOUT_S"),
         ("RELU_SERVE_INTRA_OP_THREADS", "0", "RELU_SERVE_INTRA_OP_THREADS"),
+        ("RELU_SERVE_MONITOR_BUCKET_S", "7", "monitor_window_s (300) must hold a whole number"),
+        ("RELU_SERVE_MONITOR_BUCKET_S", "0.05", "RELU_SERVE_MONITOR_BUCKET_S (monitor_bucket_s)"),
+        ("RELU_SERVE_MONITOR_MIN_SAMPLES", "0", "RELU_SERVE_MONITOR_MIN_SAMPLES"),
     ],
 )
 def test_bad_values_fail_naming_the_setting(

@@ -581,12 +581,13 @@
 
   function renderMonitor(snap) {
     $("monitor-title").textContent = `Live activation monitor: ${snap.model} version ${snap.version}`;
+    // The window is the last window_s seconds; it is "full" once it holds min_samples samples.
     const fill = $("monitor-fill");
-    fill.max = snap.window;
-    fill.value = snap.samples;
+    fill.max = snap.min_samples;
+    fill.value = Math.min(snap.samples, snap.min_samples);
     $("monitor-fill-text").textContent =
-      `${snap.samples} of ${snap.window} samples (${percent(snap.samples / snap.window, 0)})` +
-      `${snap.window_full ? ", full" : ""} · ${snap.samples_seen} seen since start or reset`;
+      `${snap.samples} of ${snap.min_samples} samples (${percent(Math.min(snap.samples / snap.min_samples, 1), 0)})` +
+      `${snap.window_full ? ", full" : ""} in the last ${snap.window_s} s · ${snap.samples_seen} seen since start or reset`;
 
     const drift = $("monitor-drift");
     drift.classList.toggle("drifted", Boolean(snap.drifted));
@@ -637,16 +638,16 @@
 
     // Table: every number, with the drift scaled against the threshold.
     $("monitor-table").tBodies[0].replaceChildren(
-      ...snap.layers.map((layer) => monitorRow(layer, snap.window, snap.drift_threshold)),
+      ...snap.layers.map((layer) => monitorRow(layer, snap.min_samples, snap.drift_threshold)),
     );
   }
 
-  function monitorRow(layer, windowSize, threshold) {
+  function monitorRow(layer, minSamples, threshold) {
     const cell = (label, ...content) =>
       el("td", { "data-label": label, class: label === "Drift" ? "drift-col" : null }, ...content);
     const dead =
       layer.dead_units === null || layer.dead_units === undefined
-        ? el("span", { class: "muted", text: `window filling (${layer.samples}/${windowSize})` })
+        ? el("span", { class: "muted", text: `window filling (${layer.samples}/${minSamples})` })
         : el("span", {
             class: layer.dead_units ? "dead" : "",
             text: layer.dead_units ? `${layer.dead_units} (${channelList(layer.dead_channels)})` : "0",

@@ -459,4 +459,11 @@ def test_activation_gauges_from_the_monitor(scraped: dict) -> None:
             is not None
         )
     assert sample_value(scraped, f"{NS}_monitor_window_samples", model="tiny") == 3
-    assert sample_value(scraped, f"{NS}_monitor_samples_total", model="tiny") == 3
+    assert sample_value(scraped, f"{NS}_monitor_samples_total", model="tiny", version="2") == 3
+    for layer in TINY_LAYERS:  # counters per channel of the monitored (default) version
+        labels = {"model": "tiny", "version": "2", "layer": layer, "channel": "0"}
+        active = sample_value(scraped, f"{NS}_activation_channel_active_samples_total", **labels)
+        activity = sample_value(scraped, f"{NS}_activation_channel_activity_total", **labels)
+        assert active is not None
+        assert activity is not None
+        assert 0 <= activity <= active <= 3
