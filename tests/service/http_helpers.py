@@ -80,8 +80,8 @@ def error_of(response: Any) -> dict[str, str]:
     return body["error"]
 
 
-def predict_body(batch: int = 16) -> bytes:
+def predict_body(batch: int = 16, seed: int | None = None) -> bytes:
     """A /v1 predict JSON body of ``batch`` reference inputs of the tiny model, base64."""
-    x = reference_inputs(batch, seed=batch)  # (N, 1, 8, 8)
+    x = reference_inputs(batch, seed=batch if seed is None else seed)  # (N, 1, 8, 8)
     tensor = {"shape": list(x.shape), "data": base64.b64encode(x.tobytes()).decode()}
     return orjson.dumps({"tensor": tensor})

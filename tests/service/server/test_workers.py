@@ -14,7 +14,9 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -259,3 +261,45 @@ def test_metrics_count_the_requests_of_every_worker(two_workers: tuple[str, int]
     assert counted == sent
     assert metric_sum(text, "relu_serve_http_request_duration_seconds_count", route=route) == sent
     assert metric_sum(text, "relu_serve_ready") == 1
+
+
+def monitored(url: str, requests: int) -> dict[str, Any]:
+    """Send ``requests`` predict requests with statistics (distinct inputs, 3 samples each),
+    each on a new connection from 8 threads; the live monitor's answer afterwards."""
+    bodies = [predict_body(3, seed=seed) for seed in range(requests)]
+
+    def send(body: bytes) -> int:
+        response = httpx.post(
+            f"{url}/v1/models/tiny/predict?stats=summary",
+            content=body,
+            headers={"Content-Type": "application/json"},
+            timeout=30,
+        )
+        return response.status_code
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        assert set(pool.map(send, bodies)) == {200}
+    response = httpx.get(f"{url}/v1/models/tiny/activations")
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def test_the_monitor_adds_up_over_workers(model_repo: Path) -> None:
+    # The same requests, to two workers and to one process: the same samples and per-channel
+    # activity, whichever worker took which request and whichever answers the monitor.
+    requests = 40
+    with uvicorn_server(model_repo, env={"RELU_SERVE_WORKERS": "2"}) as (url, process):
+        workers = workers_of(process.pid)
+        before = {pid: cpu_seconds(pid) for pid in workers}
+        merged = monitored(url, requests)
+        assert all(cpu_seconds(pid) > before[pid] for pid in workers)
+        again = [httpx.get(f"{url}/v1/models/tiny/activations").json() for _ in range(6)]
+    with uvicorn_server(model_repo) as (url, _):
+        alone = monitored(url, requests)
+    assert merged["samples"] == alone["samples"] == 3 * requests
+    for layer, reference in zip(merged["layers"], alone["layers"], strict=True):
+        assert layer["name"] == reference["name"]
+        assert layer["channel_activity"] == pytest.approx(reference["channel_activity"], abs=1e-12)
+        assert layer["inactive_fraction"] == pytest.approx(reference["inactive_fraction"])
+    # Every worker answers the same.
+    assert all(snapshot["layers"] == again[0]["layers"] for snapshot in again)
