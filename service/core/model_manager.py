@@ -404,13 +404,24 @@ class ModelManager:
     def _with_default(
         self, state: ModelState, name: str, version: str, default: bool | None
     ) -> ModelState:
-        """``state`` after a version is added with ``default``: True pins it; False keeps
-        the current default serving (pinning it); None changes nothing."""
+        """``state`` (read from disk under the repository lock) after ``version`` is added
+        with ``default``: True pins it; False keeps the default the repository had serving,
+        pinning it (its pin, else the highest other version not unloaded: the disk's, not
+        this process's view, which another instance may have changed since its last poll);
+        None changes nothing."""
         repo = self.repository
         if default:
             return replace(state, default=version)
-        if default is False and name in repo.names():
-            return replace(state, default=repo.default_version(name))
+        if default is False:
+            pin = repo.pin_of(name, state)
+            serving = [
+                v
+                for v in repo.discover_or_empty().get(name, [])
+                if v != version and v not in state.unloaded
+            ]
+            if pin is None and serving:
+                pin = max(serving, key=int)
+            return state if pin is None else replace(state, default=pin)
         return state
 
     def _refuse_default(self, state: ModelState, name: str, version: str) -> None:

@@ -263,6 +263,26 @@ def test_concurrent_uploads_through_two_instances_are_all_kept(root: Path) -> No
             assert serving_version(client) == "2"  # every upload kept the default
 
 
+def test_an_upload_that_keeps_the_default_keeps_the_one_on_disk(root: Path) -> None:
+    # The second instance has not seen the first pin version 1 (it polls once an hour): its
+    # upload "without switching" must keep the default the repository says, not its own view.
+    with ExitStack() as stack:
+        first = start(stack, root)
+        second = start(stack, root, repository_poll_s=3600)
+        response = first.put(f"{ADMIN}/models/tiny/default", json={"version": 1}, headers=AUTH)
+        assert response.status_code == 200, response.text
+        response = second.put(
+            f"{ADMIN}/models/tiny/versions/3",
+            content=model_bytes(seed=3),
+            headers=RAW,
+            params={"default": "false"},
+        )
+        assert response.status_code == 201, response.text
+        assert read_model_state(root / "tiny").default == "1"
+        assert serving_version(second) == "1"
+        wait_for(lambda: serving_version(first) == "1" and "3" in states(first), "first follows")
+
+
 def test_a_read_only_repository_keeps_serving_and_following(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
