@@ -16,9 +16,10 @@ preferred sizes:
   session together, each summarised over its own samples (``LoadedModel.run_split``);
 - requests whose samples differ in shape (models with dynamic spatial dims) never share a run;
 - admission by time: a request whose expected wait (the samples queued and running ahead of
-  it, plus its own, times the measured seconds per sample of recent runs, shared among the
+  it times the measured seconds per sample of recent runs, shared among the
   workers) would pass ``deadline_s`` raises ``OverloadedError`` at once, with the time the
-  queue needs to drain that far; before the first run nothing is measured and all are let in;
+  queue needs to drain that far; an idle batcher lets any request in, and before the first
+  run nothing is measured and all are let in;
 - at most ``max_queue`` requests wait whatever their expected wait (a hard bound on memory);
   one more raises ``QueueFullError`` at once.
 
@@ -166,8 +167,8 @@ class ModelBatcher:
             raise BatcherClosedError(f"model {self.name!r} is shutting down")
         if len(self._queue) >= self.max_queue:
             raise QueueFullError(len(self._queue), self.max_queue)
-        ahead = self._waiting_samples + self._running_samples
-        expected = (ahead + x.shape[0]) * self.seconds_per_sample / self.workers
+        ahead = self._waiting_samples + self._running_samples  # idle: always let in
+        expected = ahead * self.seconds_per_sample / self.workers
         if expected > self.deadline_s:
             raise OverloadedError(ahead, expected, self.deadline_s)
         loop = self._loop

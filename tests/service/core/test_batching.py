@@ -293,9 +293,10 @@ def test_a_full_queue_answers_503_with_retry_after(
 def test_admission_by_time_refuses_what_would_pass_the_deadline(
     model_repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Runs take ~50 ms a sample; the deadline is 0.3 s: with one sample running, about five
-    # more fit (each request's expected wait counts those ahead and its own), later ones are
-    # refused at once, not after waiting; once the queue drains, requests are let in again.
+    # Runs take ~50 ms a sample; the deadline is 0.3 s: with one sample running, about six
+    # more fit (each request's expected wait counts the samples ahead of it), later ones are
+    # refused at once, not after waiting; once the queue drains, requests are let in again,
+    # even one whose own run takes longer than the deadline (an idle model lets any in).
     async def body(plane: DataPlane) -> None:
         model = plane.get_model("tiny")
         real_run = model.run_batch
@@ -311,7 +312,7 @@ def test_admission_by_time_refuses_what_would_pass_the_deadline(
         results = await burst(plane, recorder, model, inputs, ["none"] * 12)
         kinds = ["ok" if type(r).__name__ == "RunResult" else r.code for r in results]
         admitted = kinds.count("ok")
-        assert 3 <= admitted <= 5, kinds
+        assert 3 <= admitted <= 6, kinds
         assert kinds == ["ok"] * admitted + ["overloaded"] * (12 - admitted)
         error = results[-1]
         assert isinstance(error, ServiceUnavailableError)
@@ -319,6 +320,7 @@ def test_admission_by_time_refuses_what_would_pass_the_deadline(
         assert "expected wait" in error.message
         assert int(error.headers["Retry-After"]) >= 1
         assert type(await plane.infer(model, inputs[0])).__name__ == "RunResult"
+        assert type(await plane.infer(model, reference_inputs(8, seed=7))).__name__ == "RunResult"
 
     with_plane(model_repo, body, request_deadline_s=0.3, max_queue_length=100)
 
