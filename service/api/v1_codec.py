@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -30,6 +29,7 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
 from service.api.body import read_body
+from service.api.shapes import check_shape, elements, shown
 from service.core.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
 
 StatsLevel = Literal["none", "summary", "channels"]
@@ -166,15 +166,11 @@ def _parse_shape(shape: Any, what: str) -> tuple[int, ...]:
             shape = [int(part) for part in shape.replace("x", ",").split(",") if part.strip()]
         except ValueError:
             raise BadRequestError(
-                f"{what} must be comma-separated integers like 1,1,8,8, got {shape!r}"
+                f"{what} must be comma-separated integers like 1,1,8,8, got {shown(shape)}"
             ) from None
-    if (
-        not isinstance(shape, list)
-        or not shape
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-    ):
-        raise BadRequestError(f"{what} must be a list of non-negative integers, got {shape!r}")
-    return tuple(shape)
+    if shape == []:
+        raise BadRequestError(f"{what} must not be empty")
+    return check_shape(shape, what)
 
 
 def decode_raw_tensor(raw: bytes, shape_text: str | None) -> np.ndarray:
@@ -187,14 +183,24 @@ def decode_raw_tensor(raw: bytes, shape_text: str | None) -> np.ndarray:
     return _from_bytes(raw, _shape_from_text(shape_text), "body")
 
 
-@functools.lru_cache(maxsize=256)
 def _shape_from_text(text: str) -> tuple[int, ...]:
-    """``_parse_shape`` of a header or query value; clients repeat the same few shapes."""
+    """``_parse_shape`` of a header or query value; the few short shapes clients repeat are
+    cached (a cache keyed by longer client text would keep what clients send)."""
+    if len(text) <= _CACHED_SHAPE_CHARS:
+        return _short_shape(text)
+    return _parse_shape(text, "shape")
+
+
+_CACHED_SHAPE_CHARS = 64
+
+
+@functools.lru_cache(maxsize=256)  # at most 256 texts of 64 characters
+def _short_shape(text: str) -> tuple[int, ...]:
     return _parse_shape(text, "shape")
 
 
 def _from_bytes(raw: bytes, shape: tuple[int, ...], what: str) -> np.ndarray:
-    count = math.prod(shape)
+    count = elements(shape)
     if len(raw) != 4 * count:
         raise BadRequestError(
             f"{what} has {len(raw)} bytes, but shape {list(shape)} of float32 needs {4 * count}"
@@ -228,10 +234,10 @@ def decode_json_tensor(tensor: Any) -> np.ndarray:
         ) from None
     if shape is not None:
         parsed = _parse_shape(shape, "tensor shape")
-        if array.size != int(np.prod(parsed, dtype=np.int64)):
+        if array.size != elements(parsed):
             raise BadRequestError(
                 f"tensor data has {array.size} numbers, shape {list(parsed)} needs "
-                f"{int(np.prod(parsed, dtype=np.int64))}"
+                f"{elements(parsed)}"
             )
         array = array.reshape(parsed)
     return array

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from service.api.shapes import check_shape, elements
 from service.core.errors import BadRequestError, PayloadTooLargeError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -90,16 +91,6 @@ def _as_bool(value: Any, what: str) -> bool:
     if isinstance(value, bool):
         return value
     raise BadRequestError(f"{what} must be a boolean, got {value!r}")
-
-
-def _check_shape(shape: Any, name: str) -> tuple[int, ...]:
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
-        raise BadRequestError(
-            f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}"
-        )
-    return tuple(shape)
 
 
 def decode_infer_request(
@@ -178,8 +169,8 @@ def _decode_input(raw: Any, index: int, binary: memoryview, offset: int) -> tupl
             f"input {name!r}: datatype {datatype!r} is not supported; the models take "
             f"{', '.join(INPUT_DATATYPES)}"
         )
-    shape = _check_shape(raw.get("shape"), name)
-    count = int(np.prod(shape, dtype=np.int64))
+    shape = check_shape(raw.get("shape"), f"input {name!r}: shape")
+    count = elements(shape)
     params = raw.get("parameters") or {}
     if not isinstance(params, dict):
         raise BadRequestError(f"input {name!r}: 'parameters' must be an object")

@@ -201,6 +201,52 @@ V1_CASES: list[tuple[str, Request, int, str, tuple[str, ...]]] = [
         ("X-Tensor-Shape",),
     ),
     (
+        "shape-header-of-65-dimensions",
+        lambda c: c.post(
+            PREDICT,
+            content=np.zeros(1, np.float32).tobytes(),
+            headers={"Content-Type": "application/octet-stream", "X-Tensor-Shape": "1," * 65},
+        ),
+        400,
+        "bad_request",
+        ("65 dimensions", "at most 32"),
+    ),
+    (
+        "shape-of-65-dimensions",
+        lambda c: c.post(PREDICT, json={"tensor": {"shape": [1] * 65, "data": [0.0]}}),
+        400,
+        "bad_request",
+        ("65 dimensions", "at most 32"),
+    ),
+    (
+        "shape-of-huge-dimensions-base64",
+        lambda c: c.post(PREDICT, json={"tensor": {"shape": [2**32, 2**32, 1, 1], "data": ""}}),
+        400,
+        "bad_request",
+        ("needs 73786976294838206464",),
+    ),
+    (
+        "shape-of-huge-dimensions-lists",
+        lambda c: c.post(PREDICT, json={"tensor": {"shape": [2**32, 2**32, 1, 1], "data": []}}),
+        400,
+        "bad_request",
+        ("18446744073709551616",),
+    ),
+    (
+        "long-shape-header-not-echoed-whole",
+        lambda c: c.post(
+            PREDICT,
+            content=np.zeros(64, np.float32).tobytes(),
+            headers={
+                "Content-Type": "application/octet-stream",
+                "X-Tensor-Shape": "1,1,8," + " " * 100_000 + "y",
+            },
+        ),
+        400,
+        "bad_request",
+        ("characters",),
+    ),
+    (
         "batch-over-the-limit-tensor",
         lambda c: c.post(PREDICT, json=tensor_json(reference_inputs(MAX_BATCH + 1))),
         413,
@@ -345,6 +391,30 @@ V2_CASES: list[tuple[str, Request, int, tuple[str, ...]]] = [
         ("not valid JSON",),
     ),
     ("no-inputs", lambda c: c.post(INFER, json={"outputs": []}), 400, ("'inputs'",)),
+    (
+        "shape-of-65-dimensions",
+        lambda c: c.post(
+            INFER,
+            json={
+                "inputs": [{"name": "input", "datatype": "FP32", "shape": [1] * 65, "data": [0]}]
+            },
+        ),
+        400,
+        ("65 dimensions", "at most 32"),
+    ),
+    (
+        "shape-of-huge-dimensions",
+        lambda c: c.post(
+            INFER,
+            json={
+                "inputs": [
+                    {"name": "input", "datatype": "FP32", "shape": [2**32, 2**32, 1, 1], "data": []}
+                ]
+            },
+        ),
+        400,
+        ("18446744073709551616",),
+    ),
     ("inputs-not-a-list", lambda c: c.post(INFER, json={"inputs": {}}), 400, ("'inputs'",)),
     (
         "wrong-datatype",
