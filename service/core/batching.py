@@ -59,17 +59,15 @@ class QueueFullError(RuntimeError):
         self.limit = limit
 
 
-class OverloadedError(QueueFullError):
+class OverloadedError(RuntimeError):
     """The request's expected wait would pass the deadline."""
 
     def __init__(self, queued: int, expected_s: float, deadline_s: float) -> None:
-        RuntimeError.__init__(
-            self,
+        super().__init__(
             f"{queued} samples are already queued: the expected wait of {expected_s:.2f} s "
-            f"is over the deadline of {deadline_s:g} s",
+            f"is over the deadline of {deadline_s:g} s"
         )
         self.queued = queued
-        self.limit = queued
         self.expected_s = expected_s
         self.deadline_s = deadline_s
 
