@@ -7,6 +7,12 @@ the CPUs the container may use). With more than one, uvicorn's supervisor runs t
 one listening socket, replaces a worker that dies and, on SIGTERM, stops each of them
 gracefully (readiness 503 first, requests in flight finish).
 
+Where the command line says nothing, the settings bound what a client can hold: requests in
+flight at a stop get ``RELU_SERVE_GRACEFUL_TIMEOUT_S`` (``--timeout-graceful-shutdown``),
+idle connections ``RELU_SERVE_KEEP_ALIVE_TIMEOUT_S`` (``--timeout-keep-alive``), and HTTP is
+served by ``service.server.http`` (request head size and count, header and body timeouts, a
+connection cap) unless ``RELU_SERVE_HTTP_GUARD=false`` or ``--http h11`` is given.
+
 The workers share what a client sees: the model repository on disk (each converges on it
 within ``RELU_SERVE_REPOSITORY_POLL_S``), and a folder, ``RELU_SERVE_SHARED_DIR``, made here
 fresh for this run when unset, where the live monitor's counts and the metrics
@@ -17,6 +23,7 @@ with everything in its own memory; it dies by the SIGTERM that stops it (status 
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -27,8 +34,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
-import uvicorn.main
+import click
+from uvicorn.main import main as uvicorn_command
 
+from service.server.http import PROTOCOL
 from service.settings import load_settings
 
 APP = "service.main:app"
@@ -41,19 +50,47 @@ SHARED_PARTS = ("metrics", "monitor")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run uvicorn's command line with our app first and the worker count of the settings."""
+    """Run uvicorn's command line with our app first, and the settings' worker count, time
+    limits and HTTP protocol where the command line gives none."""
     args = sys.argv[1:] if argv is None else argv
     if "--help" in args:
         sys.stdout.write(__doc__.replace("``", "`").strip() + "\n\n")
     given = _option_value(args, "--workers")
-    if given is None and "--help" not in args and "--reload" not in args:  # the reloader: 1
-        args = [*args, "--workers", str(load_settings().workers)]
+    http = None
+    if "--help" not in args:
+        settings = load_settings()
+        if given is None and "--reload" not in args:  # the reloader runs one process
+            args = [*args, "--workers", str(settings.workers)]
+        for option, value in (
+            ("--timeout-graceful-shutdown", settings.graceful_timeout_s),
+            ("--timeout-keep-alive", settings.keep_alive_timeout_s),
+        ):
+            if _option_value(args, option) is None:
+                args = [*args, option, str(max(1, math.ceil(value)))]
+        if settings.http_guard and _option_value(args, "--http") in (None, "auto", "httptools"):
+            http = PROTOCOL
     previous = signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
         with shared_folder(workers=given):
-            uvicorn.main.main([APP, *args], prog_name="python -m service")
+            _run_uvicorn([APP, *args], http)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _run_uvicorn(args: list[str], http: str | None) -> None:
+    """uvicorn's command line; ``http``, an import path, replaces its HTTP protocol (which
+    its ``Config`` takes, but its ``--http`` option does not)."""
+    if http is None:
+        uvicorn_command.main(args, prog_name="python -m service")  # exits when done
+    try:
+        with uvicorn_command.make_context("python -m service", args) as context:
+            context.params["http"] = http
+            uvicorn_command.invoke(context)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
 
 
 def _option_value(args: list[str], option: str) -> str | None:

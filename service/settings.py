@@ -134,6 +134,39 @@ class ServiceSettings(BaseSettings):
     max_top_k: int = Field(default=100, ge=1)
     """Upper bound of ``top_k`` in predict requests (also capped by the number of labels)."""
 
+    http_guard: bool = True
+    """``python -m service`` serves HTTP with the limits below on the request head, the time
+    a client may take and the connections (``service.server.http``); off: uvicorn's own
+    httptools protocol, which has none of them."""
+
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024)
+    """Largest request head (request line and headers) in bytes, counted as it arrives;
+    larger ones get 431 and the connection is closed."""
+
+    max_header_count: int = Field(default=100, ge=8)
+    """Most header fields in one request; more get 431."""
+
+    header_timeout_s: float = Field(default=10.0, gt=0.0, le=3600.0)
+    """Seconds a request head may take to arrive, from its first byte (or from the
+    connection's opening); later, 408 and the connection is closed."""
+
+    body_timeout_s: float = Field(default=30.0, gt=0.0, le=3600.0)
+    """Longest silence, in seconds, while a request body is read (not a bound on a long
+    upload that keeps sending); longer, 408 and the connection is closed."""
+
+    keep_alive_timeout_s: float = Field(default=5.0, gt=0.0, le=3600.0)
+    """Seconds an idle keep-alive connection stays open (uvicorn's ``--timeout-keep-alive``,
+    which the command line overrides)."""
+
+    max_connections: int = Field(default=1000, ge=1)
+    """Most open connections per worker process; one more is answered 503 with Retry-After
+    and closed at once, so idle clients cannot use up the process's file descriptors."""
+
+    graceful_timeout_s: float = Field(default=30.0, gt=0.0, le=3600.0)
+    """Seconds requests in flight get to finish once a stop begins (after
+    ``shutdown_delay_s``); then they are cancelled and the process exits (uvicorn's
+    ``--timeout-graceful-shutdown``, which the command line overrides)."""
+
     monitor_window_s: float = Field(default=300.0, gt=0.0, le=7 * 24 * 3600.0)
     """Seconds of traffic in each model's live activation window (``service.core.monitor``):
     the last ``monitor_window_s`` seconds, to a bucket's precision, over every worker."""

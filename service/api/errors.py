@@ -17,6 +17,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from service.core.errors import ServiceError
@@ -24,6 +25,8 @@ from service.core.errors import ServiceError
 logger = logging.getLogger(__name__)
 
 V2_PREFIX = "/v2"
+# The status counted for a request whose client went away before it was read (never sent).
+CLIENT_CLOSED_REQUEST = 499
 
 
 class ErrorDetail(BaseModel):
@@ -134,6 +137,15 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     return error_response(request, exc.status_code, code, message, exc.headers)
 
 
+async def handle_client_disconnect(request: Request, exc: Exception) -> Response:
+    """The client closed the connection before its request was read: not an error of the
+    server's, nor an answer anyone reads. Counted as 499 (nginx's "client closed request")."""
+    logger.info(
+        "%s %s: the client went away before its request was read", request.method, request.url.path
+    )
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
     """Anything else is our bug: log the traceback, answer a generic 500."""
     logger.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
@@ -156,5 +168,6 @@ BASE_EXCEPTION_HANDLERS: dict[int | type[Exception], Handler] = {
     ServiceError: handle_service_error,
     RequestValidationError: handle_validation_error,
     StarletteHTTPException: handle_http_exception,
+    ClientDisconnect: handle_client_disconnect,
     Exception: handle_unexpected,
 }

@@ -25,10 +25,9 @@ from typing import Any, Literal, get_args
 import numpy as np
 import orjson
 from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
-from service.api.body import read_body
+from service.api.body import read_body, read_form
 from service.api.shapes import check_shape, elements, shown
 from service.core.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
 
@@ -76,17 +75,12 @@ async def read_predict_body(
 
 
 async def _read_multipart(request: Request, max_items: int) -> PredictBody:
-    try:
-        # max_part_size bounds the non-file fields; files are bounded by max_body_bytes.
-        form = await request.form(max_files=max_items + 1, max_fields=16)
-    except MultiPartException as exc:
-        text = str(exc)
-        if "Too many files" in text:
-            raise PayloadTooLargeError(
-                f"more than {max_items} files in one request (max_batch_size)",
-                code="batch_too_large",
-            ) from None
-        raise BadRequestError(f"malformed multipart body: {text}") from None
+    form = await read_form(
+        request,
+        max_files=max_items,
+        files_limit=("max_batch_size", "batch_too_large"),
+        max_fields=16,
+    )
     try:
         uploads = [
             item

@@ -22,7 +22,6 @@ answers. It uses Starlette's ``compile_path`` (as its routes do), ``Middleware``
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -35,8 +34,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, compile_path
 from starlette.types import ASGIApp, Receive, Scope, Send
-
-log = logging.getLogger(__name__)
 
 # An exception handler as Starlette keeps them (the service's are all coroutines).
 Handler = Callable[[Request, Any], Any]
@@ -132,10 +129,7 @@ class DirectRoutes:
             handler = self._handler_for(exc)
             if handler is None:
                 raise
-            is_bug = handler is self.handlers.get(Exception)
-            if is_bug:  # log it with its traceback, as the server would
-                log.exception("unexpected error in %s %s", scope["method"], scope["path"])
-            response = await handler(request, exc)
+            response = await handler(request, exc)  # a bug's handler logs its traceback
         await response(scope, receive, send)
 
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 
 from service.api.auth import require_api_key
+from service.api.body import read_form
 from service.api.errors import error_responses
 from service.api.routes import OrjsonResponse
 from service.core.errors import BadRequestError, UnsupportedMediaTypeError
@@ -194,7 +195,8 @@ async def read_upload(request: Request) -> AsyncIterator[bytes]:
     if media in RAW_TYPES or media == "":
         return request.stream()
     if media == "multipart/form-data":
-        form = await request.form(max_files=1, max_fields=8)
+        one_file = ("an upload carries one model file", "too_many_files")
+        form = await read_form(request, max_files=1, files_limit=one_file, max_fields=8)
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             await form.close()
