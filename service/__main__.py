@@ -94,13 +94,14 @@ def _run_uvicorn(args: list[str], http: str | None) -> None:
 
 
 def _option_value(args: list[str], option: str) -> str | None:
-    """The value of ``option`` on a command line (``--opt V`` or ``--opt=V``), else None."""
+    """The value of ``option`` on a command line (``--opt V`` or ``--opt=V``) or in uvicorn's
+    variable for it (``UVICORN_OPT``), else None."""
     for i, arg in enumerate(args):
         if arg == option and i + 1 < len(args):
             return args[i + 1]
         if arg.startswith(option + "="):
             return arg.split("=", 1)[1]
-    return None
+    return os.environ.get("UVICORN_" + option.lstrip("-").replace("-", "_").upper())
 
 
 @contextmanager

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import httptools
 import orjson
@@ -51,9 +51,15 @@ class HeadRefusedError(Exception):
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """One connection, with the limits of the module docstring."""
+    """One connection, with the limits of the module docstring.
+
+    Time limits cost no timer per request: each connection notes when its head began and
+    when its body last moved, and one sweep per server looks at every connection ten times
+    per timeout (at most once a second).
+    """
 
     settings: ServiceSettings | None = None  # read once per process, at the first connection
+    swept: ClassVar[set[int]] = set()  # the servers (ids of their state) with a sweep
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -61,15 +67,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             GuardedHttpToolsProtocol.settings = load_settings()
         self.limits = GuardedHttpToolsProtocol.settings
         self.head_bytes: int | None = 0  # bytes of the head being read; None in a body
-        self.head_timer: asyncio.TimerHandle | None = None
-        self.body_timer: asyncio.TimerHandle | None = None
-        self.body_seen = 0.0  # when body bytes last arrived
+        self.head_since: float | None = None  # when the head being read began
+        self.body_seen: float | None = None  # when the body being read last moved
         self.lingering = False  # refused: what still arrives is dropped
 
     # ------------------------------------------------------------ the connection
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if id(self.server_state) not in self.swept:
+            self.swept.add(id(self.server_state))
+            self.loop.call_soon(self.sweep, self.loop, self.connections, self.limits)
         if len(self.connections) > self.limits.max_connections:
             self.refuse(
                 503,
@@ -79,11 +87,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 retry_after=1,
             )
             return
-        self.arm_head_timer()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.cancel_timers()
-        super().connection_lost(exc)
+        self.head_since = self.loop.time()
 
     def data_received(self, data: bytes) -> None:
         """uvicorn's own, with the head counted before it is parsed and our refusals."""
@@ -117,7 +121,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.arm_head_timer()
+        if self.head_since is None:
+            self.head_since = self.loop.time()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(self.headers) >= self.limits.max_header_count:
@@ -133,64 +138,55 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
         if size > self.limits.max_header_bytes:
             raise HeadRefusedError(*self.head_too_large(str(size)))
-        self.head_bytes = None
-        if self.head_timer is not None:
-            self.head_timer.cancel()
-            self.head_timer = None
-        super().on_headers_complete()
+        self.head_bytes = self.head_since = None
         self.body_seen = self.loop.time()
-        self.body_timer = self.loop.call_later(self.limits.body_timeout_s, self.body_timed_out)
+        super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
         self.body_seen = self.loop.time()
         super().on_body(body)
 
     def on_message_complete(self) -> None:
-        if self.body_timer is not None:
-            self.body_timer.cancel()
-            self.body_timer = None
+        self.body_seen = None
         self.head_bytes = 0  # the next bytes start the next request's head
         super().on_message_complete()
 
-    # ------------------------------------------------------------ timers
+    # ------------------------------------------------------------ time limits
 
-    def arm_head_timer(self) -> None:
-        if self.head_timer is None:
-            self.head_timer = self.loop.call_later(
-                self.limits.header_timeout_s, self.head_timed_out
+    @staticmethod
+    def sweep(
+        loop: asyncio.AbstractEventLoop, connections: set[Any], limits: ServiceSettings
+    ) -> None:
+        """Refuse the connections past a time limit, then look again shortly."""
+        now = loop.time()
+        for connection in list(connections):
+            if isinstance(connection, GuardedHttpToolsProtocol):
+                connection.check_time(now)
+        every = min(1.0, max(0.05, min(limits.header_timeout_s, limits.body_timeout_s) / 10))
+        loop.call_later(every, GuardedHttpToolsProtocol.sweep, loop, connections, limits)
+
+    def check_time(self, now: float) -> None:
+        """408 for a head not complete ``header_timeout_s`` after it began, or a body
+        silent for ``body_timeout_s``; time that the server itself is not reading (the app
+        has not taken the last part yet) is not the client's."""
+        limits = self.limits
+        if self.head_since is not None and now - self.head_since > limits.header_timeout_s:
+            self.refuse(
+                408,
+                "request_timeout",
+                f"the request head was not complete within {limits.header_timeout_s:g} s "
+                "(header_timeout_s)",
             )
-
-    def cancel_timers(self) -> None:
-        for timer in (self.head_timer, self.body_timer):
-            if timer is not None:
-                timer.cancel()
-        self.head_timer = self.body_timer = None
-
-    def head_timed_out(self) -> None:
-        self.head_timer = None
-        self.refuse(
-            408,
-            "request_timeout",
-            f"the request head was not complete within {self.limits.header_timeout_s:g} s "
-            "(header_timeout_s)",
-        )
-
-    def body_timed_out(self) -> None:
-        """Silence from the client for ``body_timeout_s`` while its body is read; time that
-        the server itself is not reading (the app has not taken the last part yet) is not
-        the client's."""
-        silent = self.loop.time() - self.body_seen
-        if self.flow.read_paused or silent < self.limits.body_timeout_s:
-            wait = self.limits.body_timeout_s - (0.0 if self.flow.read_paused else silent)
-            self.body_timer = self.loop.call_later(wait, self.body_timed_out)
-            return
-        self.body_timer = None
-        self.refuse(
-            408,
-            "request_timeout",
-            f"the request body stopped arriving for {self.limits.body_timeout_s:g} s "
-            "(body_timeout_s)",
-        )
+        elif self.body_seen is not None:
+            if self.flow.read_paused:
+                self.body_seen = now
+            elif now - self.body_seen > limits.body_timeout_s:
+                self.refuse(
+                    408,
+                    "request_timeout",
+                    f"the request body stopped arriving for {limits.body_timeout_s:g} s "
+                    "(body_timeout_s)",
+                )
 
     # ------------------------------------------------------------ answers
 
@@ -217,7 +213,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         """Answer ``status`` with our JSON error, unless a response is under way on this
         connection, and close the connection after ``LINGER_S`` of dropping what still
         arrives (at once where the transport cannot half-close)."""
-        self.cancel_timers()
+        self.head_since = self.body_seen = None
         if self.transport.is_closing() or self.lingering:
             return
         logger.info("%s: %s", self.client, message)

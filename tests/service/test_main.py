@@ -32,6 +32,10 @@ def test_the_launcher_puts_our_app_first(monkeypatch: pytest.MonkeyPatch) -> Non
         *("--workers", "3", "--timeout-graceful-shutdown", "13"),
     ]
     assert seen["http"] is None
+    # uvicorn's variables for its options count as given (deploy/ sets one).
+    monkeypatch.setenv("UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN", "40")
+    main(["--workers", "1"])
+    assert "--timeout-graceful-shutdown" not in seen["args"]
     # While uvicorn runs, a SIGTERM it does not handle (before it takes the signal over, or
     # raised again after its graceful shutdown) ends the process with status 0 ...
     with pytest.raises(SystemExit) as exit_info:
@@ -105,6 +109,7 @@ def test_a_given_shared_folder_is_kept_and_its_counts_emptied(
         ({}, ["--http", "httptools"], True),
         ({}, ["--http=h11"], False),  # the caller's choice: uvicorn's h11, no guard
         ({"RELU_SERVE_HTTP_GUARD": "false"}, [], False),
+        ({"UVICORN_HTTP": "h11"}, [], False),  # uvicorn's own variable for --http
     ],
 )
 def test_http_is_served_with_our_limits_unless_turned_off(

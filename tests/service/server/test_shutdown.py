@@ -74,7 +74,8 @@ def test_sigterm_under_load_fails_no_request_in_flight(server_process) -> None:
     outcomes: list[Outcome] = []
     lock = threading.Lock()
     drained = threading.Event()  # the "load balancer" has seen readiness 503
-    readiness: list[tuple[float, str]] = []
+    readiness: list[tuple[float, str]] = []  # (when the answer came, status)
+    asked: list[float] = []  # when each of those polls was sent
 
     def record(started: float, result: str) -> None:
         with lock:
@@ -111,6 +112,7 @@ def test_sigterm_under_load_fails_no_request_in_flight(server_process) -> None:
     def poll_readiness() -> None:
         with httpx.Client(timeout=2) as http:
             while process.poll() is None:
+                asked.append(time.monotonic())
                 try:
                     status = str(http.get(f"{base}/health/ready").status_code)
                 except httpx.HTTPError as exc:
@@ -137,7 +139,12 @@ def test_sigterm_under_load_fails_no_request_in_flight(server_process) -> None:
     # The delay runs from when the server heard of it: at once for one process; with
     # workers, when uvicorn's supervisor passes it on (it looks at signals every 0.5 s).
     assert drained.wait(5), "readiness did not turn 503"
-    heard_at = time.monotonic()
+    # The server heard of it after it last answered 200 (an answer slow under load does
+    # not move this later).
+    # (``asked`` may hold one more poll, still waiting for its answer.)
+    polls = zip(asked, readiness, strict=False)
+    last_200 = max([at for at, (_, status) in polls if status == "200"], default=0.0)
+    heard_at = max(sigterm_at, last_200)
 
     # Slow uploads start shortly before the delay ends, so uvicorn stops accepting while
     # their bodies are still arriving.
