@@ -98,9 +98,6 @@ def monitor_samples(text: str) -> list[tuple[str, float]]:
     return found
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 15 item 3: answered 200 with null probabilities, monitor poisoned"
-)
 @pytest.mark.parametrize("protocol", ["v1", "v2"])
 def test_an_input_that_overflows_inside_the_model_is_422_and_stays_out_of_the_monitor(
     server: str, tiny_cnn_path: Path, protocol: str
