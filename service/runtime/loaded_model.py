@@ -530,9 +530,12 @@ class LoadedModel:
                     f"{list(x.shape)} (dim {axis + 1} is {got}, expected {want})"
                 )
         if x.dtype.kind == "f" and not np.isfinite(x).all():
-            bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+            finite = np.isfinite(x).reshape(x.shape[0], -1)  # (N, values per sample)
+            bad = int(finite.size - np.count_nonzero(finite))
+            samples = np.flatnonzero(~finite.all(axis=1)).tolist()
             raise ModelInputError(
-                f"input {self.input_name!r} has {bad} non-finite values (NaN or infinity)"
+                f"input {self.input_name!r} has {bad} non-finite values (NaN or infinity), in "
+                f"{_samples_text(samples)}; send finite numbers"
             )
         return np.ascontiguousarray(x)
 

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 
+from service.api.v2_codec import HEADER_LENGTH
 from tests.server_helpers import uvicorn_server
 from tests.service.conftest import reference_inputs
 from tests.service.http_helpers import TINY_LAYERS, oracle
@@ -139,3 +141,36 @@ def test_an_input_that_overflows_inside_the_model_is_422_and_stays_out_of_the_mo
         assert series, "no monitor series for model tiny"
         bad = [(name, value) for name, value in series if not math.isfinite(value) or value < 0]
         assert not bad, bad  # no NaN, no infinity, no count gone negative
+
+
+@pytest.mark.parametrize("protocol", ["v1", "v2"])
+def test_input_values_that_are_not_finite_are_400_naming_the_sample(
+    server: str, protocol: str
+) -> None:
+    x = reference_inputs(3, seed=6)
+    x[2, 0, 1, 1] = np.inf  # not JSON: sent as base64 (v1) or binary (v2)
+    with httpx.Client(base_url=server, timeout=30) as client:
+        if protocol == "v1":
+            response, _ = send_v1(client, x)
+            assert response.json()["error"]["code"] == "invalid_input"
+            message = response.json()["error"]["message"]
+        else:
+            header = {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": list(x.shape),
+                        "datatype": "FP32",
+                        "parameters": {"binary_data_size": x.nbytes},
+                    }
+                ]
+            }
+            head = orjson.dumps(header)
+            response = client.post(
+                "/v2/models/tiny/infer",
+                content=head + x.tobytes(),
+                headers={HEADER_LENGTH: str(len(head))},
+            )
+            message = response.json()["error"]
+        assert response.status_code == 400, response.text
+        assert "1 non-finite values (NaN or infinity), in sample 2" in message

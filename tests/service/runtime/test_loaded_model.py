@@ -191,7 +191,9 @@ def test_bad_inputs_are_typed_errors(tiny: LoadedModel, x, message: str) -> None
 def test_non_finite_inputs_are_rejected(tiny: LoadedModel, bad: float) -> None:
     x = reference_inputs(2)
     x[1, 0, 3, 3] = bad
-    with pytest.raises(ModelInputError, match="1 non-finite values"):
+    with pytest.raises(
+        ModelInputError, match=r"1 non-finite values \(NaN or infinity\), in sample 1;"
+    ):
         tiny.run(x, "summary")
 
 
