@@ -24,7 +24,10 @@ preferred sizes:
   one more raises ``QueueFullError`` at once.
 
 If a merged run fails, each of its requests is run again alone, so one bad input cannot fail
-the others it was batched with. Nothing here knows about HTTP.
+the others it was batched with. A request whose samples give a non-finite output (a finite
+input that overflows inside the model) fails alone without a second run:
+``LoadedModel.run_split`` hands it its error beside the others' results, and its samples are
+not reported to the monitor. Nothing here knows about HTTP.
 
 ``inline=True`` (small models, ``DataPlane``) runs the batches on the event loop instead: a
 request finding the batcher idle schedules the run for the end of the current loop step, so
@@ -344,7 +347,7 @@ class ModelBatcher:
                         stats=level,
                         run_seconds=seconds,
                         queue_seconds=[max(r.started - r.enqueued, 0.0) for r in batch],
-                        activity=[
+                        activity=[  # not of failed requests (NonFiniteOutputError)
                             o.per_sample_active
                             for o in outcomes
                             if isinstance(o, RunResult) and o.per_sample_active

@@ -30,12 +30,23 @@ from service.core.batching import (
     OverloadedError,
     QueueFullError,
 )
-from service.core.errors import BadRequestError, PayloadTooLargeError, ServiceUnavailableError
+from service.core.errors import (
+    BadRequestError,
+    PayloadTooLargeError,
+    ServiceUnavailableError,
+    UnprocessableError,
+)
 from service.core.images import decode_image, default_preprocessing, preprocess_images
 from service.core.metrics import ServiceMetrics
 from service.core.monitor import collect_metrics, monitor_factory
 from service.core.repository import ModelRepository
-from service.runtime.loaded_model import STATS_MODES, LoadedModel, ModelInputError, RunResult
+from service.runtime.loaded_model import (
+    STATS_MODES,
+    LoadedModel,
+    ModelInputError,
+    NonFiniteOutputError,
+    RunResult,
+)
 from service.runtime.summaries import LayerActivity
 from service.settings import ServiceSettings
 
@@ -217,9 +228,11 @@ class DataPlane:
         requests to the same model version, off the event loop.
 
         The input is checked here, per request, so a bad one fails alone and never the batch
-        it would have joined. Feeds the model's live monitor when statistics were computed;
-        with a sampling fraction set, some requests that did not ask are run with statistics
-        for it.
+        it would have joined; so is the output, after the run: a request with a sample whose
+        output is not finite (a finite input that overflows inside the model) is answered 422
+        ``non_finite_output`` and its samples are not monitored, and the others in its run go
+        on. Feeds the model's live monitor when statistics were computed; with a sampling
+        fraction set, some requests that did not ask are run with statistics for it.
         """
         if x.ndim >= 1:
             self.check_batch(int(x.shape[0]))
@@ -313,6 +326,8 @@ class DataPlane:
             ) from None
         except BatcherClosedError:
             raise ServiceUnavailableError("the service is shutting down") from None
+        except NonFiniteOutputError as exc:  # this request's samples only; not monitored
+            raise UnprocessableError(str(exc), code="non_finite_output") from None
         finally:
             timer.cancel()
 

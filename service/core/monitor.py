@@ -426,7 +426,8 @@ class ActivationMonitor:
 
     def update(self, per_sample_active: Mapping[str, np.ndarray]) -> None:
         """Add one batch: layer name -> (N, C) active rates in [0, 1], for every monitored layer
-        (other layers are ignored; a batch with none of ours adds nothing)."""
+        (other layers are ignored; a batch with none of ours adds nothing). Samples with a
+        rate that is not finite are not counted."""
         if (
             isinstance(per_sample_active, LayerActivity)
             and per_sample_active.columns == self._columns
@@ -437,6 +438,11 @@ class ActivationMonitor:
             if packed is None:
                 return
             rows = packed
+        if not np.isfinite(rows).all():
+            # NaN or infinity inside the model (an overflow its output may not show: a max
+            # pooling drops NaN); cast to an integer count it is undefined (x86-64: -2**63),
+            # and would stay in the totals for good. Those samples are left out.
+            rows = rows[np.isfinite(rows).all(axis=1)]
         if not rows.shape[0]:
             return
         active, activity = count_batch(rows)

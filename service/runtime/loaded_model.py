@@ -69,6 +69,8 @@ SMALL_MODEL_MACS = 4_000_000
 _SHARE_MIN_BYTES = 1024
 # Guess for dynamic non-batch input dims at warm-up when nothing says better.
 _WARMUP_DIM = 32
+# Samples a NonFiniteOutputError names one by one; more are counted.
+_NAMED_SAMPLES = 10
 
 # On a GPU provider every new input shape makes onnxruntime plan each convolution again
 # (onnxruntime-gpu 1.31, cuDNN 9, H100, ResNet-20: 130-390 ms per run with the batch sizes
@@ -80,6 +82,27 @@ _WARMUP_DIM = 32
 
 class ModelInputError(ValueError):
     """The request's tensor or options do not fit the model; the message names the problem."""
+
+
+class NonFiniteOutputError(ModelInputError):
+    """The model's output for some of a request's samples is NaN or infinite: the input is
+    finite but overflows inside the model. ``samples``: their indices within the request."""
+
+    def __init__(self, model: str, samples: Sequence[int]) -> None:
+        self.samples = list(samples)
+        super().__init__(
+            f"model {model!r}: the output for {_samples_text(self.samples)} is not finite (NaN "
+            "or infinity): the input is finite but overflows inside the model; send inputs "
+            "scaled as the model expects (its preprocessing)"
+        )
+
+
+def _samples_text(samples: Sequence[int]) -> str:
+    """``sample 3``, ``samples 0, 2``, or the first ``_NAMED_SAMPLES`` and a count."""
+    shown = ", ".join(map(str, samples[:_NAMED_SAMPLES]))
+    if len(samples) > _NAMED_SAMPLES:
+        shown += f" and {len(samples) - _NAMED_SAMPLES} more"
+    return f"sample {shown}" if len(samples) == 1 else f"samples {shown}"
 
 
 class ModelLoadError(RuntimeError):
@@ -507,9 +530,12 @@ class LoadedModel:
                     f"{list(x.shape)} (dim {axis + 1} is {got}, expected {want})"
                 )
         if x.dtype.kind == "f" and not np.isfinite(x).all():
-            bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+            finite = np.isfinite(x).reshape(x.shape[0], -1)  # (N, values per sample)
+            bad = int(finite.size - np.count_nonzero(finite))
+            samples = np.flatnonzero(~finite.all(axis=1)).tolist()
             raise ModelInputError(
-                f"input {self.input_name!r} has {bad} non-finite values (NaN or infinity)"
+                f"input {self.input_name!r} has {bad} non-finite values (NaN or infinity), in "
+                f"{_samples_text(samples)}; send finite numbers"
             )
         return np.ascontiguousarray(x)
 
@@ -520,25 +546,30 @@ class LoadedModel:
 
     def run(self, x: np.ndarray, stats: StatsMode | str = "none") -> RunResult:
         """Run one batch; ``stats``: "none" (plain session), "summary" (per-layer statistics)
-        or "channels" (summary plus per-channel activity)."""
+        or "channels" (summary plus per-channel activity). ``NonFiniteOutputError`` when the
+        output of a sample is not finite."""
         if stats not in STATS_MODES:
             raise ModelInputError(
                 f"unknown statistics option {stats!r}; choose one of {', '.join(STATS_MODES)}"
             )
         x = self.validate_input(x)
         (result,) = self.run_split(x, [x.shape[0]], [stats])
+        if isinstance(result, NonFiniteOutputError):
+            raise result
         return result
 
     def run_split(
         self, x: np.ndarray, sizes: Sequence[int], stats: Sequence[str]
-    ) -> list[RunResult]:
+    ) -> list[RunResult | NonFiniteOutputError]:
         """Run one batch made of several requests' samples and give each request its own
         result: ``sizes[i]`` rows of ``x`` belong to request i, which asked for ``stats[i]``.
 
         The dynamic batcher calls this with inputs already checked by ``validate_input``, all
         plain (``"none"``) or all with statistics; statistics are summarised per request over
-        its own samples, as if it had run alone. Its two halves: ``run_batch``, the session
-        run, and ``split_outputs``, each request's part.
+        its own samples, as if it had run alone. A request with a sample whose output is not
+        finite gets a ``NonFiniteOutputError`` instead of a result; the others are unaffected.
+        Its two halves: ``run_batch``, the session run, and ``split_outputs``, each request's
+        part.
         """
         return self.split_outputs(self.run_batch(x, stats[0]), x, sizes, stats)
 
@@ -564,30 +595,63 @@ class LoadedModel:
         x: np.ndarray,
         sizes: Sequence[int],
         stats: Sequence[str],
-    ) -> list[RunResult]:
+    ) -> list[RunResult | NonFiniteOutputError]:
         """Each request's result from ``run_batch``'s outputs: probabilities, and statistics
-        summarised over the request's own rows."""
+        summarised over the request's own rows; or the error of a request with a sample whose
+        output is not finite."""
         parts = request_rows(sizes)
         raw = values[0]
         probs = self._probabilities(raw)
+        failed = self._non_finite_requests(raw, probs, parts)
+        results: list[RunResult | NonFiniteOutputError]
         if stats[0] == "none":
-            return [RunResult(raw[p], probs[p]) for p in parts]
-        if len(values) == 1:  # no layers to observe
-            return [RunResult(raw[p], probs[p], [], {}) for p in parts]
-        outputs = dict(zip(self._stat_fetches, values[1:], strict=True))
-        summaries = summarize_requests(
-            self.layers,
-            self.layout,
-            outputs[STATS_OUTPUT],
-            sizes,
-            [level == "channels" for level in stats],
-            lambda request, layers: self._exact_minimum(x[parts[request]], layers),
-        )
-        active = per_sample_active(self.layout, outputs)
-        return [
-            RunResult(raw[p], probs[p], summary, active.rows(p))
-            for p, summary in zip(parts, summaries, strict=True)
-        ]
+            results = [RunResult(raw[p], probs[p]) for p in parts]
+        elif len(values) == 1:  # no layers to observe
+            results = [RunResult(raw[p], probs[p], [], {}) for p in parts]
+        else:
+            outputs = dict(zip(self._stat_fetches, values[1:], strict=True))
+            summaries = summarize_requests(
+                self.layers,
+                self.layout,
+                outputs[STATS_OUTPUT],
+                sizes,
+                [level == "channels" for level in stats],
+                # not for a failed request: its statistics are not sent
+                lambda request, layers: (
+                    None if request in failed else self._exact_minimum(x[parts[request]], layers)
+                ),
+            )
+            active = per_sample_active(self.layout, outputs)
+            results = [
+                RunResult(raw[p], probs[p], summary, active.rows(p))
+                for p, summary in zip(parts, summaries, strict=True)
+            ]
+        for request, error in failed.items():
+            results[request] = error
+        return results
+
+    def _non_finite_requests(
+        self, raw: np.ndarray, probs: np.ndarray, parts: Sequence[slice]
+    ) -> dict[int, NonFiniteOutputError]:
+        """Request index -> its error, for the requests with a sample whose output or
+        probabilities are NaN or infinite (a finite input that overflowed inside the model).
+
+        One check over the whole run's (N, K) outputs; per-row work only when it fails.
+        Softmax (float64, max subtracted) of finite scores is finite, so for "logits" models
+        the raw output alone is checked; exp of log-probabilities can still overflow float32.
+        """
+        if np.isfinite(raw).all() and (
+            probs is raw or self.output_kind == "logits" or np.isfinite(probs).all()
+        ):
+            return {}
+        finite = np.isfinite(raw.reshape(len(raw), -1)).all(axis=1)  # (N,)
+        finite &= np.isfinite(probs.reshape(len(probs), -1)).all(axis=1)
+        failed = {}
+        for request, rows in enumerate(parts):
+            bad = np.flatnonzero(~finite[rows])
+            if bad.size:
+                failed[request] = NonFiniteOutputError(self.name, bad.tolist())
+        return failed
 
     def _probabilities(self, raw: np.ndarray) -> np.ndarray:
         if self.output_kind == "probabilities":

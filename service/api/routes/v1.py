@@ -15,7 +15,15 @@ from service.runtime.loaded_model import LoadedModel, RunResult, top_k
 from service.settings import ServiceSettings
 
 router = APIRouter(prefix="/v1", responses=error_responses(404, 422, 503))
-PREDICT_ERRORS = error_responses(400, 413, 415)
+PREDICT_ERRORS = error_responses(
+    400,
+    413,
+    415,
+    422,
+    descriptions={
+        422: "Invalid parameters, or an input that overflows inside the model (non_finite_output)"
+    },
+)
 Plane = Annotated[DataPlane, Depends(get_plane)]
 DEFAULT_TOP_K = 5
 

@@ -53,6 +53,8 @@ PROBABILITIES = "probabilities"
 STATS_EXTENSION = "activation_statistics"
 # Summary quantities per layer: scalar outputs of shape [1] (dead_units is INT32).
 SUMMARY_QUANTITIES = ("inactive_fraction", "dead_units", "mean", "std", "min", "max")
+# Infer takes no parameters FastAPI validates: its 422 is the model's output alone.
+INFER_422 = {422: "The model's output for a sample is not finite: its input overflows"}
 
 
 def _server_version() -> str:
@@ -173,7 +175,7 @@ def _build_catalogue(model: LoadedModel) -> dict[str, tuple[str, list[int]]]:
 @router.post(
     "/models/{name}/infer",
     summary="Inference (latest version)",
-    responses=error_responses(413, 415, v2=True),
+    responses=error_responses(413, 415, 422, v2=True, descriptions=INFER_422),
 )
 async def infer(request: Request, name: str) -> Response:
     """JSON or binary tensors in; logits, probabilities and statistics outputs out."""
@@ -183,7 +185,7 @@ async def infer(request: Request, name: str) -> Response:
 @router.post(
     "/models/{name}/versions/{version}/infer",
     summary="Inference",
-    responses=error_responses(413, 415, v2=True),
+    responses=error_responses(413, 415, 422, v2=True, descriptions=INFER_422),
 )
 async def infer_version(request: Request, name: str, version: str) -> Response:
     """JSON or binary tensors in; logits, probabilities and statistics outputs out."""

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from service.core.dataplane import DataPlane
-from service.core.errors import ServiceUnavailableError
+from service.core.errors import ServiceUnavailableError, UnprocessableError
 from service.core.metrics import ServiceMetrics
 from service.runtime.loaded_model import LoadedModel, ModelInputError
 from tests.service.conftest import reference_inputs
@@ -341,6 +341,52 @@ def test_a_bad_input_fails_alone(model_repo: Path, monkeypatch: pytest.MonkeyPat
         assert recorder.calls[1:] == [([1, 2], ["none", "none"])]
 
     with_plane(model_repo, body)
+
+
+@pytest.mark.parametrize(
+    ("stats", "sampling", "monitored"),
+    # the good requests' 3 samples are monitored when run with statistics; sampling all
+    # requests monitors the plain request that holds the worker in ``burst`` too
+    [("none", "requested", 0), ("summary", "requested", 3), ("none", 1.0, 4)],
+    ids=["plain", "statistics", "sampled"],
+)
+def test_an_input_that_overflows_inside_the_model_fails_alone_and_stays_out_of_the_monitor(
+    model_repo: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    stats: str,
+    sampling: str | float,
+    monitored: int,
+) -> None:
+    # 3e38 passes the input check (finite) and overflows in the model: the output is NaN.
+    bad = reference_inputs(2, seed=3)
+    bad[1] = 3e38
+    inputs = [reference_inputs(1, seed=1), bad, reference_inputs(2, seed=2)]
+
+    async def body(plane: DataPlane) -> None:
+        model = plane.get_model("tiny")
+        assert plane.repository is not None
+        monitor = plane.repository.monitor("tiny")
+        alone = [model.run(x, stats) for x in (inputs[0], inputs[2])]
+        recorder = RunRecorder(model, monkeypatch)
+        results = await burst(plane, recorder, model, inputs, [stats] * 3)
+        run_stats = "none" if sampling == "requested" and stats == "none" else "summary"
+        assert recorder.calls[-1] == ([1, 2, 2], [run_stats] * 3)  # one run for the three
+        error = results[1]
+        assert isinstance(error, UnprocessableError)
+        assert (error.status_code, error.code) == (422, "non_finite_output")
+        assert "model 'tiny'" in error.message
+        assert "output for sample 1 is not finite" in error.message
+        for result, single in zip([results[0], results[2]], alone, strict=True):
+            np.testing.assert_allclose(result.logits, single.logits, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(result.probabilities, single.probabilities, atol=1e-7)
+            assert result.layer_stats == single.layer_stats
+        snapshot = monitor.snapshot()
+        assert snapshot["samples"] == monitored
+        for entry in snapshot["layers"]:
+            assert all(0.0 <= rate <= 1.0 for rate in entry["channel_activity"]), entry
+        assert (await plane.infer(model, inputs[0], stats)).logits.shape == (1, 10)
+
+    with_plane(model_repo, body, monitor_sampling=sampling)
 
 
 def break_merged_runs(model: LoadedModel, monkeypatch: pytest.MonkeyPatch, bad: np.ndarray) -> None:

@@ -17,6 +17,7 @@ from service.core.monitor import ACTIVITY_SCALE, ActivationMonitor, collect_metr
 from service.metadata import LayerProfile, ReferenceProfile
 from service.runtime.activations import ActivationNode
 from service.runtime.loaded_model import LoadedModel
+from service.runtime.summaries import LayerActivity
 from tests.service.conftest import reference_inputs
 
 
@@ -235,6 +236,47 @@ def test_bad_updates_and_settings() -> None:
         ActivationMonitor([], None, drift_threshold=0)
     with pytest.raises(ValueError, match=r"whole number of buckets of 7 s, e.g. 301 s"):
         ActivationMonitor([], None, window_s=300, bucket_s=7)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_rows_that_are_not_finite_are_never_counted(packed: bool) -> None:
+    # A NaN cast to an integer count is undefined (on x86-64: -2**63, for good): rows with a
+    # NaN or an infinity anywhere are left out, the finite rows of the batch still count.
+    reference = ReferenceProfile(
+        samples=10,
+        layers={
+            "a": LayerProfile(inactive_fraction=0.5, channel_activity=[0.5, 0.5], dead_units=0),
+            "b": LayerProfile(inactive_fraction=0.5, channel_activity=[0.5], dead_units=0),
+        },
+    )
+    monitor = ActivationMonitor(
+        [layer("a", 2), layer("b", 1)], reference, min_samples=2, drift_threshold=0.3
+    )
+    a = np.array([[0.5, 0.25], [np.nan, 0.5], [0.25, np.inf], [1.0, 0.0], [0.75, 0.5]], np.float32)
+    b = np.array([[1.0], [1.0], [0.0], [np.nan], [0.0]], np.float32)
+
+    def update(rows: slice) -> None:
+        if packed:  # as the data plane feeds it: one block, the monitor's column order
+            block = np.concatenate([a[rows], b[rows]], axis=1)
+            monitor.update(LayerActivity(block, {"a": slice(0, 2), "b": slice(2, 3)}))
+        else:
+            monitor.update({"a": a[rows], "b": b[rows]})
+
+    update(slice(0, 4))  # rows 0 (finite) and 1-3 (not)
+    update(slice(1, 2))  # one row: count_batch's short path
+    update(slice(3, 5))  # rows 3 (not) and 4 (finite)
+    snapshot = monitor.snapshot()
+    assert snapshot["samples"] == snapshot["samples_seen"] == 2
+    layers = by_name(snapshot)
+    assert layers["a"]["channel_activity"] == [0.625, 0.375]
+    assert layers["b"]["channel_activity"] == [0.5]
+    assert layers["a"]["inactive_fraction"] == 0.5
+    assert layers["b"]["dead_units"] == 0
+    assert layers["a"]["drift"] == 0.125
+    assert snapshot["drifted"] is False
+    for family in collect_metrics([monitor]):
+        for sample in family.samples:
+            assert 0 <= sample.value < np.inf, sample
 
 
 def test_concurrent_updates_are_all_counted() -> None:

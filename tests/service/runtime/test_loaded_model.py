@@ -17,6 +17,7 @@ from service.runtime.loaded_model import (
     LoadedModel,
     ModelInputError,
     ModelLoadError,
+    NonFiniteOutputError,
     multiply_accumulates,
     softmax,
     top_k,
@@ -190,8 +191,47 @@ def test_bad_inputs_are_typed_errors(tiny: LoadedModel, x, message: str) -> None
 def test_non_finite_inputs_are_rejected(tiny: LoadedModel, bad: float) -> None:
     x = reference_inputs(2)
     x[1, 0, 3, 3] = bad
-    with pytest.raises(ModelInputError, match="1 non-finite values"):
+    with pytest.raises(
+        ModelInputError, match=r"1 non-finite values \(NaN or infinity\), in sample 1;"
+    ):
         tiny.run(x, "summary")
+
+
+@pytest.mark.parametrize("stats", ["none", "summary", "channels"])
+def test_a_request_whose_output_is_not_finite_fails_alone_in_a_merged_run(
+    tiny: LoadedModel, stats: str
+) -> None:
+    # 3e38 is a finite float32; the first convolution overflows it, the second makes NaN.
+    bad = reference_inputs(3, seed=3)
+    bad[1] = 3e38
+    good = [reference_inputs(1, seed=1), reference_inputs(2, seed=2)]
+    x = np.concatenate([good[0], bad, good[1]])
+    results = tiny.run_split(x, [1, 3, 2], [stats] * 3)
+    error = results[1]
+    assert isinstance(error, NonFiniteOutputError)
+    assert error.samples == [1]
+    assert "output for sample 1 is not finite" in str(error)
+    assert "overflows inside the model" in str(error)
+    for result, xi in zip([results[0], results[2]], good, strict=True):
+        assert not isinstance(result, BaseException)
+        alone = tiny.run(xi, stats)
+        np.testing.assert_allclose(result.logits, alone.logits, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(result.probabilities, alone.probabilities, atol=1e-7)
+        assert np.isfinite(result.probabilities).all()
+        assert (result.layer_stats is None) == (stats == "none")
+        if stats != "none":
+            assert result.per_sample_active is not None
+            assert all(np.isfinite(rates).all() for rates in result.per_sample_active.values())
+    with pytest.raises(NonFiniteOutputError, match="sample 1 is not finite"):
+        tiny.run(bad, stats)
+
+
+def test_every_sample_whose_output_is_not_finite_is_named(tiny: LoadedModel) -> None:
+    x = np.full((4, 1, 8, 8), 3e38, np.float32)
+    x[2] = reference_inputs(1)[0]
+    with pytest.raises(NonFiniteOutputError, match="samples 0, 1, 3 is not finite") as caught:
+        tiny.run(x)
+    assert caught.value.samples == [0, 1, 3]
 
 
 def test_unknown_statistics_option_names_the_choices(tiny: LoadedModel) -> None:
