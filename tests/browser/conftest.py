@@ -21,6 +21,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_ROOT = REPO_ROOT / "models"
 # Small, so a few requests fill it and the page shows dead units, not "window filling".
 MONITOR_MIN_SAMPLES = 4
+# The management API key: the monitor's reset needs it, and the tests type it into the page.
+MANAGEMENT_KEY = "browser-test-management-key-0123"
 # Without the background-networking flags Chromium reaches for Google's servers at start-up,
 # and on a closed network its connections, ours included, are refused.
 CHROMIUM_FLAGS = (
@@ -51,8 +53,12 @@ def _find(env: str, *names: str) -> str:
 
 @pytest.fixture(scope="session")
 def server_url() -> Iterator[str]:
-    """``http://127.0.0.1:<port>`` of a uvicorn subprocess serving ``models/``."""
-    env = {"RELU_SERVE_MONITOR_MIN_SAMPLES": str(MONITOR_MIN_SAMPLES)}
+    """``http://127.0.0.1:<port>`` of a uvicorn subprocess serving ``models/``, with the
+    management API (and so the monitor's reset) on."""
+    env = {
+        "RELU_SERVE_MONITOR_MIN_SAMPLES": str(MONITOR_MIN_SAMPLES),
+        "RELU_SERVE_MANAGEMENT_API_KEY": MANAGEMENT_KEY,
+    }
     with uvicorn_server(MODEL_ROOT, env=env) as (url, _process):
         yield url
 
