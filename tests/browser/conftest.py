@@ -35,6 +35,9 @@ CHROMIUM_FLAGS = (
     "--disable-component-update",
     "--disable-sync",
     "--disable-dev-shm-usage",
+    # A closed network: no host name resolves but the server's, so anything a page tried to
+    # fetch from elsewhere (a CDN) would fail here as it would there.
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
 )
 INSTALL_HINT = (
     "install Debian's chromium and chromium-driver (./scripts/test does, as root), "
