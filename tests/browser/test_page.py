@@ -261,14 +261,14 @@ def test_monitor_populates_refreshes_and_resets(
     assert key_field.get_attribute("type") == "password"
     browser.find_element(By.ID, "monitor-reset").send_keys(Keys.SPACE)  # from the keyboard
     shown = wait_for(browser, lambda d: text_of(d, "reset-error"))
-    assert shown == f"Error 401 (unauthorized): {missing} Type the management API key above."
+    assert shown == f"Error 401 (unauthorized): {missing}. Type the management API key above."
     assert browser.switch_to.active_element == key_field
     assert key_field.get_attribute("aria-invalid") == "true"
     key_field.send_keys("not-the-key")
     browser.find_element(By.ID, "monitor-reset").click()
     wait_for(browser, lambda d: text_of(d, "reset-error").startswith("Error 403"))
     assert text_of(browser, "reset-error") == (
-        f"Error 403 (invalid_api_key): {wrong.json()['error']['message']} "
+        f"Error 403 (invalid_api_key): {wrong.json()['error']['message']}. "
         "Check the management API key and try again."
     )
     key_field.clear()

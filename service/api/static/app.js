@@ -196,7 +196,8 @@
       return;
     }
     const where = err.status ? `Error ${err.status} (${err.code}): ` : "Error: ";
-    box.textContent = where + err.message + (hint ? ` ${hint}` : "");
+    const stop = /[.!?]$/.test(err.message) ? "" : "."; // the API's messages have none
+    box.textContent = where + err.message + (hint ? `${stop} ${hint}` : "");
     box.hidden = false;
   }
 
