@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 from service.api.errors import BASE_EXCEPTION_HANDLERS, handle_model_input, handle_model_not_found
 from service.api.middleware import BodyLimitMiddleware, MetricsMiddleware
-from service.api.routes import health, management, metrics, ui, v1, v2
+from service.api.routes import docs, health, management, metrics, ui, v1, v2
 from service.core.dataplane import DataPlane
 from service.core.images import configure_pillow
 from service.core.metrics import ServiceMetrics
@@ -103,6 +103,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         lifespan=lifespan,
         telemetry=None if settings.opentelemetry else TELEMETRY_OFF,
         openapi_tags=TAGS,
+        docs_url=None,  # FastAPI's pages load from a CDN: service/api/routes/docs.py instead
+        redoc_url=None,
         middleware=middleware,
         exception_handlers={
             **BASE_EXCEPTION_HANDLERS,
@@ -117,7 +119,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     if settings.direct_dispatch:  # predict and infer skip FastAPI's machinery, not ours
         routes = (*v1.router.routes, *v2.router.routes)
         app.direct = DirectRoutes(routes, DIRECT_ENDPOINTS, app.exception_handlers, middleware)
-    for router in (health.router, v1.router, v2.router, metrics.router, ui.router):
+    for router in (health.router, v1.router, v2.router, metrics.router, ui.router, docs.router):
         app.include_router(router)
     app.include_router(management.router)  # model management, behind the API key
     app.include_router(management.v2_router)

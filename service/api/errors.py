@@ -65,12 +65,18 @@ ERROR_DESCRIPTIONS = {
 def error_responses(
     *codes: int, v2: bool = False, descriptions: Mapping[int, str] | None = None
 ) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` for these error statuses, with the body each one has."""
+    """OpenAPI ``responses`` for these error statuses, with the body each one has (and a 401's
+    ``WWW-Authenticate`` challenge, RFC 6750 section 3)."""
     text = {**ERROR_DESCRIPTIONS, **(descriptions or {})}
-    return {
+    responses: dict[int | str, dict[str, Any]] = {
         code: {"model": V2ErrorBody if v2 else ErrorBody, "description": text[code]}
         for code in codes
     }
+    if 401 in responses:
+        responses[401]["headers"] = {
+            "WWW-Authenticate": {"description": "Bearer challenge", "schema": {"type": "string"}}
+        }
+    return responses
 
 
 def error_response(

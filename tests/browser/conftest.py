@@ -21,6 +21,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_ROOT = REPO_ROOT / "models"
 # Small, so a few requests fill it and the page shows dead units, not "window filling".
 MONITOR_MIN_SAMPLES = 4
+# The management API key: the monitor's reset needs it, and the tests type it into the page.
+MANAGEMENT_KEY = "browser-test-management-key-0123"
 # Without the background-networking flags Chromium reaches for Google's servers at start-up,
 # and on a closed network its connections, ours included, are refused.
 CHROMIUM_FLAGS = (
@@ -33,6 +35,9 @@ CHROMIUM_FLAGS = (
     "--disable-component-update",
     "--disable-sync",
     "--disable-dev-shm-usage",
+    # A closed network: no host name resolves but the server's, so anything a page tried to
+    # fetch from elsewhere (a CDN) would fail here as it would there.
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
 )
 INSTALL_HINT = (
     "install Debian's chromium and chromium-driver (./scripts/test does, as root), "
@@ -51,8 +56,12 @@ def _find(env: str, *names: str) -> str:
 
 @pytest.fixture(scope="session")
 def server_url() -> Iterator[str]:
-    """``http://127.0.0.1:<port>`` of a uvicorn subprocess serving ``models/``."""
-    env = {"RELU_SERVE_MONITOR_MIN_SAMPLES": str(MONITOR_MIN_SAMPLES)}
+    """``http://127.0.0.1:<port>`` of a uvicorn subprocess serving ``models/``, with the
+    management API (and so the monitor's reset) on."""
+    env = {
+        "RELU_SERVE_MONITOR_MIN_SAMPLES": str(MONITOR_MIN_SAMPLES),
+        "RELU_SERVE_MANAGEMENT_API_KEY": MANAGEMENT_KEY,
+    }
     with uvicorn_server(MODEL_ROOT, env=env) as (url, _process):
         yield url
 

@@ -21,7 +21,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.browser.conftest import MONITOR_MIN_SAMPLES
+from tests.browser.conftest import MANAGEMENT_KEY, MONITOR_MIN_SAMPLES
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.network]
 WAIT_S = 10
@@ -252,10 +252,44 @@ def test_monitor_populates_refreshes_and_resets(
     fill = f"of {MONITOR_MIN_SAMPLES} samples"
     wait_for(browser, lambda d: fill in text_of(d, "monitor-fill-text"))
 
-    # Reset with the keyboard (Space on the button), then the window is empty.
-    browser.find_element(By.ID, "monitor-reset").send_keys(Keys.SPACE)
+    # Reset takes the management API key: without it, and with a wrong one, the API's 401 and
+    # 403 messages stay on screen (the monitor's 3 s refreshes do not clear them).
+    reset_url = f"{server_url}/v1/models/digits/activations/reset"
+    missing = httpx.post(reset_url, timeout=10).json()["error"]["message"]
+    wrong = httpx.post(reset_url, headers={"Authorization": "Bearer nope"}, timeout=10)
+    key_field = browser.find_element(By.ID, "admin-key")
+    assert key_field.get_attribute("type") == "password"
+    browser.find_element(By.ID, "monitor-reset").send_keys(Keys.SPACE)  # from the keyboard
+    shown = wait_for(browser, lambda d: text_of(d, "reset-error"))
+    assert shown == f"Error 401 (unauthorized): {missing}. Type the management API key above."
+    assert browser.switch_to.active_element == key_field
+    assert key_field.get_attribute("aria-invalid") == "true"
+    key_field.send_keys("not-the-key")
+    browser.find_element(By.ID, "monitor-reset").click()
+    wait_for(browser, lambda d: text_of(d, "reset-error").startswith("Error 403"))
+    assert text_of(browser, "reset-error") == (
+        f"Error 403 (invalid_api_key): {wrong.json()['error']['message']}. "
+        "Check the management API key and try again."
+    )
+    key_field.clear()
+    # A refresh of the monitor (as every 3 s) leaves the refusal on screen.
+    browser.execute_script("document.getElementById('monitor-updated').textContent = ''")
+    browser.find_element(By.ID, "monitor-refresh").click()
+    wait_for(browser, lambda d: text_of(d, "monitor-updated"))
+    assert text_of(browser, "reset-error").startswith("Error 403")
+    assert "reset at" not in text_of(browser, "monitor-status")
+
+    # The right key, then Enter in the field (the form's submit), and the window is empty.
+    key_field.send_keys(MANAGEMENT_KEY, Keys.ENTER)
     wait_for(browser, lambda d: text_of(d, "monitor-fill-text").startswith("0 of"))
     assert "Window of digits reset at" in text_of(browser, "monitor-status")
+    assert not browser.find_element(By.ID, "reset-error").is_displayed()
+    assert key_field.get_attribute("aria-invalid") is None
+    # The key lives in the field only: nothing in the page's storage or cookies.
+    stored = browser.execute_script(
+        "return [localStorage.length, sessionStorage.length, document.cookie]"
+    )
+    assert stored == [0, 0, ""]
     rows = browser.find_elements(By.CSS_SELECTOR, "#monitor-table tbody tr")
     assert len(rows) == len(model_layers)
 

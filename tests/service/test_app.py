@@ -100,9 +100,12 @@ def test_openapi_docs(client: TestClient) -> None:
 
 
 def test_live_monitor_counts_requests_that_asked_for_statistics(model_repo: Path) -> None:
-    with TestClient(create_app(make_settings(model_repo, monitor_min_samples=16))) as client:
+    key = "test-management-key-0123456789"
+    auth = {"Authorization": f"Bearer {key}"}
+    settings = make_settings(model_repo, monitor_min_samples=16, management_api_key=key)
+    with TestClient(create_app(settings)) as client:
         plane = client.app.state.plane  # type: ignore[attr-defined]
-        assert client.post("/v1/models/tiny/activations/reset").status_code == 200
+        assert client.post("/v1/models/tiny/activations/reset", headers=auth).status_code == 200
         before = plane.monitor_snapshot("tiny")
         plain = client.post("/v1/models/tiny/predict", json=tensor_body(reference_inputs(4)))
         assert plain.status_code == 200
@@ -118,7 +121,7 @@ def test_live_monitor_counts_requests_that_asked_for_statistics(model_repo: Path
         snapshot = response.json()
         assert snapshot != before
         assert snapshot["samples"] == 4
-        reset = client.post("/v1/models/tiny/activations/reset")
+        reset = client.post("/v1/models/tiny/activations/reset", headers=auth)
         assert reset.status_code == 200
         assert client.get("/v1/models/tiny/activations").json()["samples"] == 0
 

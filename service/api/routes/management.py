@@ -109,7 +109,7 @@ class V2IndexEntry(BaseModel):
 
 
 def _errors(*codes: int, v2: bool = False) -> dict[int | str, dict[str, Any]]:
-    responses = error_responses(
+    return error_responses(
         *codes,
         v2=v2,
         descriptions={
@@ -119,11 +119,6 @@ def _errors(*codes: int, v2: bool = False) -> dict[int | str, dict[str, Any]]:
             503: "Models are still loading",
         },
     )
-    if 401 in responses:
-        responses[401]["headers"] = {
-            "WWW-Authenticate": {"description": "Bearer challenge", "schema": {"type": "string"}}
-        }
-    return responses
 
 
 COMMON = (401, 403, 422, 503)

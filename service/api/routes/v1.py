@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
+from service.api.auth import require_api_key
 from service.api.errors import error_responses
 from service.api.routes import OrjsonResponse, get_plane
 from service.api.v1_codec import SHAPE_HEADER, STATS_LEVELS, StatsLevel, read_predict_body
@@ -190,12 +191,17 @@ async def activations(plane: Plane, name: str) -> OrjsonResponse:
     return OrjsonResponse(plane.monitor_snapshot(name))
 
 
+# Wiping the window hides what live traffic did to the model (dead units, drift): an
+# operator's act, so it takes the management API key, and is off (403) when none is set.
 @router.post(
     "/models/{name}/activations/reset",
     tags=["activations"],
-    summary="Empty the live activation window",
+    summary="Empty the live activation window (needs the management API key)",
+    dependencies=[Depends(require_api_key)],
+    responses=error_responses(401, 403),
 )
 async def reset_activations(plane: Plane, name: str) -> OrjsonResponse:
-    """Start the model's monitor window afresh (e.g. after a deployment)."""
+    """Start the model's monitor window afresh (e.g. after a deployment). Send the
+    management API key as `Authorization: Bearer <key>`."""
     plane.reset_monitor(name)
     return OrjsonResponse({"model": name, "reset": True})

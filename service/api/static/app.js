@@ -5,6 +5,7 @@
 //   GET  /v1/models/{name}/versions/{v}               labels, preprocessing, activation layers
 //   POST /v1/models/{name}/versions/{v}/predict       multipart `file`, ?stats=channels&top_k=k
 //   GET  /v1/models/{name}/activations (+ POST .../activations/reset)   the live monitor
+//        (the reset sends the management API key typed on the page: Authorization: Bearer)
 // Errors come back as {"error": {"code", "message"}}; the page shows the message as it is.
 // Plain JavaScript, no build step, no libraries: the charts are HTML bars and small SVGs.
 "use strict";
@@ -66,7 +67,12 @@
       });
     },
     activations: (name) => callApi(`${modelPath(name)}/activations`),
-    resetActivations: (name) => callApi(`${modelPath(name)}/activations/reset`, { method: "POST" }),
+    /** Empty the monitor's window; needs the management API key (none sent when empty). */
+    resetActivations: (name, key) =>
+      callApi(`${modelPath(name)}/activations/reset`, {
+        method: "POST",
+        headers: { Accept: "application/json", ...(key ? { Authorization: `Bearer ${key}` } : {}) },
+      }),
   };
 
   // ---------------------------------------------------------------- small helpers
@@ -180,7 +186,9 @@
     $(id).textContent = message;
   }
 
-  function showError(id, err) {
+  /** Show the API's error (status, code, message as it came) in box `id`, with an optional
+   * hint for the user after it; no error hides the box. */
+  function showError(id, err, hint = "") {
     const box = $(id);
     if (!err) {
       box.hidden = true;
@@ -188,7 +196,8 @@
       return;
     }
     const where = err.status ? `Error ${err.status} (${err.code}): ` : "Error: ";
-    box.textContent = where + err.message;
+    const stop = /[.!?]$/.test(err.message) ? "" : "."; // the API's messages have none
+    box.textContent = where + err.message + (hint ? `${stop} ${hint}` : "");
     box.hidden = false;
   }
 
@@ -683,16 +692,34 @@
     );
   }
 
+  // What to do about each refusal of a reset (service/api/auth.py), after the API's message.
+  const RESET_HINTS = {
+    unauthorized: "Type the management API key above.",
+    invalid_api_key: "Check the management API key and try again.",
+    management_disabled: "This service has no management API key, so its window cannot be reset.",
+  };
+
   function setUpMonitor() {
     $("monitor-refresh").addEventListener("click", refreshMonitor);
     $("monitor-auto").addEventListener("change", scheduleMonitor);
-    $("monitor-reset").addEventListener("click", async () => {
+    // Its own error box: the monitor's refreshes clear theirs every 3 s, and a refused reset
+    // must stay on screen until the next try.
+    $("reset-form").addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const key = $("admin-key");
+      showError("reset-error", null);
+      key.removeAttribute("aria-invalid");
       try {
-        await api.resetActivations(state.model);
-        showStatus("monitor-status", `Window of ${state.model} reset at ${new Date().toLocaleTimeString()}.`);
+        await api.resetActivations(state.model, key.value.trim());
       } catch (err) {
-        showError("monitor-error", err);
+        showError("reset-error", err, RESET_HINTS[err.code]);
+        if (err.code === "unauthorized" || err.code === "invalid_api_key") {
+          key.setAttribute("aria-invalid", "true");
+          key.focus();
+        }
+        return;
       }
+      showStatus("monitor-status", `Window of ${state.model} reset at ${new Date().toLocaleTimeString()}.`);
       refreshMonitor();
     });
   }
