@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 from service.api.errors import BASE_EXCEPTION_HANDLERS, handle_model_input, handle_model_not_found
 from service.api.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.api.routes import docs, health, management, metrics, ui, v1, v2
+from service.core.budget import MemoryBudget
 from service.core.dataplane import DataPlane
 from service.core.images import configure_pillow
 from service.core.metrics import ServiceMetrics
@@ -95,6 +96,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             BodyLimitMiddleware,
             max_body_bytes=settings.max_body_bytes,
             path_limits={"/v1/admin/": upload_limit, "/v2/repository/": upload_limit},
+            budget=MemoryBudget(
+                settings.body_budget_bytes, "body_budget_bytes", settings.request_deadline_s
+            ),
         ),
     ]
     app = ServiceApp(

@@ -13,7 +13,8 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import error_response
-from service.core.errors import PayloadTooLargeError
+from service.core.budget import MemoryBudget
+from service.core.errors import PayloadTooLargeError, ServiceError
 from service.core.metrics import ServiceMetrics
 
 
@@ -26,11 +27,14 @@ class BodyLimitMiddleware:
         app: ASGIApp,
         max_body_bytes: int,
         path_limits: Mapping[str, tuple[int, str]] | None = None,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
-        # Path prefix -> (limit, setting): model uploads take a larger limit of their own.
+        # Path prefix -> (limit, setting): model uploads take a larger limit of their own,
+        # and stream to disk rather than to memory: only the others take from ``budget``.
         self.path_limits = dict(path_limits or {})
+        self.budget = budget
 
     def _limit_for(self, path: str) -> tuple[int, str]:
         for prefix, limit in self.path_limits.items():
@@ -50,15 +54,41 @@ class BodyLimitMiddleware:
             return
         limit = self._limit_for(scope["path"])
         length = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
-        if length.isdigit():
-            if int(length) <= limit[0]:  # the server reads no more than Content-Length
-                await self.app(scope, receive, send)
+        if length.isdigit() and int(length) > limit[0]:
+            await self._refuse(self._error(length.decode(), limit), scope, receive, send)
+            return
+        budget = self.budget if limit[1] == "max_body_bytes" else None
+        held = 0  # bytes of the budget this body holds: all it may be, before it is read
+        if budget is not None:
+            if length.isdigit():
+                held = int(length)
+            elif any(k == b"transfer-encoding" for k, _ in scope["headers"]):
+                held = limit[0]  # chunked: as much as the limit lets through
+        if held:
+            try:
+                await budget.take(held, "the request body")  # type: ignore[union-attr]
+            except ServiceError as exc:
+                await self._refuse(exc, scope, receive, send)
                 return
-            exc = self._error(length.decode(), limit)
-            response = error_response(Request(scope), exc.status_code, exc.code, exc.message)
-            # The client may still be sending: tell it the connection ends with this answer.
-            response.headers["Connection"] = "close"
-            await response(scope, receive, send)
+        try:
+            await self._receive_within(limit, length, scope, receive, send)
+        finally:
+            if held:
+                budget.give(held)  # type: ignore[union-attr]
+
+    async def _refuse(self, exc: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(
+            Request(scope), exc.status_code, exc.code, exc.message, exc.headers
+        )
+        # The client may still be sending: tell it the connection ends with this answer.
+        response.headers["Connection"] = "close"
+        await response(scope, receive, send)
+
+    async def _receive_within(
+        self, limit: tuple[int, str], length: bytes, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        if length.isdigit():  # the server reads no more than Content-Length
+            await self.app(scope, receive, send)
             return
         received = 0  # a chunked body: counted as it streams in
 

@@ -30,13 +30,20 @@ from service.core.batching import (
     OverloadedError,
     QueueFullError,
 )
+from service.core.budget import MemoryBudget
 from service.core.errors import (
     BadRequestError,
     PayloadTooLargeError,
     ServiceUnavailableError,
     UnprocessableError,
 )
-from service.core.images import decode_image, default_preprocessing, preprocess_images
+from service.core.images import (
+    decode_cost,
+    default_preprocessing,
+    load_image,
+    open_image,
+    preprocess_images,
+)
 from service.core.metrics import ServiceMetrics
 from service.core.monitor import collect_metrics, monitor_factory
 from service.core.repository import ModelRepository
@@ -71,6 +78,10 @@ class DataPlane:
             weakref.WeakKeyDictionary()
         )
         self._accepting = False
+        # Decoded pixels held at once by every request of this process (core/budget.py).
+        self._decode_budget = MemoryBudget(
+            settings.decode_budget_bytes, "decode_budget_bytes", settings.request_deadline_s
+        )
         # Label children looked up once (prometheus_client's ``labels`` takes a lock and
         # builds a key): per run in ``_record_batch``, per model for the monitor.
         self._run_children: dict[tuple[str, str, str], tuple[Histogram, Histogram, Histogram]] = {}
@@ -200,17 +211,30 @@ class DataPlane:
     ) -> np.ndarray:
         """Decode and preprocess images (N, C, H, W) float32; a worker thread does it unless
         they are small. A foreign image-shaped model gets a plain [0, 1] scaling; other
-        models without preprocessing take tensors only (400)."""
+        models without preprocessing take tensors only (400).
+
+        Memory is bounded before a pixel is decoded: the headers give every image's size,
+        the request's pixels must stay within ``max_request_pixels``, and the images are
+        decoded one at a time under the process's ``decode_budget_bytes``."""
         prep = model.preprocessing or default_preprocessing(model.name, model.input_shape)
         max_pixels = self.settings.max_image_pixels
+        opened = [(n, open_image(data, max_pixels=max_pixels, name=n)) for n, data in images]
+        pixels = sum(image.width * image.height for _, image in opened)
+        if pixels > self.settings.max_request_pixels:
+            raise PayloadTooLargeError(
+                f"the request's {len(opened)} images hold {pixels} pixels, over the limit of "
+                f"{self.settings.max_request_pixels} (max_request_pixels)",
+                code="image_too_large",
+            )
 
         def work() -> np.ndarray:
-            decoded = [decode_image(data, max_pixels=max_pixels, name=n) for n, data in images]
-            return preprocess_images(decoded, prep)
+            return preprocess_images((load_image(image, name=n) for n, image in opened), prep)
 
-        if sum(len(data) for _, data in images) <= INLINE_DECODE_BYTES:
-            return work()
-        return await anyio.to_thread.run_sync(work)
+        cost = max(decode_cost(image) for _, image in opened)
+        async with self._decode_budget.hold(cost, f"decoding {opened[0][0]!r}"):
+            if sum(len(data) for _, data in images) <= INLINE_DECODE_BYTES:
+                return work()
+            return await anyio.to_thread.run_sync(work)
 
     def check_batch(self, size: int) -> None:
         """413 when a request carries more samples than ``max_batch_size``."""

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import numpy as np
@@ -58,6 +59,12 @@ def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> Image.
     Raises 415 for bytes that are no supported image, 413 over ``max_pixels``, 400 for a
     truncated or corrupt file; ``name`` (e.g. the upload's filename) goes in the message.
     """
+    return load_image(open_image(data, max_pixels=max_pixels, name=name), name=name)
+
+
+def open_image(data: bytes, *, max_pixels: int, name: str = "image") -> Image.Image:
+    """The image's header only, read without decoding a pixel: its format, size and mode,
+    to decode later with ``load_image``. Raises as ``decode_image`` does."""
     if not data:
         raise BadRequestError(f"{name} is empty (0 bytes)", code="invalid_image")
     fmt = sniff_format(data)
@@ -67,20 +74,46 @@ def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> Image.
             f"supported formats are {', '.join(SUPPORTED_FORMATS)}",
             code="unsupported_image_format",
         )
+    with _pillow_errors(
+        name, fmt, data, limit=min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+    ):
+        image = Image.open(io.BytesIO(data), formats=[fmt])
+        width, height = image.size
+        if width * height > max_pixels:
+            raise _too_many_pixels(name, fmt, width, height, max_pixels)
+    return image
+
+
+def load_image(image: Image.Image, *, name: str = "image") -> Image.Image:
+    """Decode an image that ``open_image`` opened (its first frame), upright."""
+    fmt = image.format or "image"
+    with _pillow_errors(name, fmt, b"", limit=Image.MAX_IMAGE_PIXELS or 0):
+        image.seek(0)  # first frame of a GIF or animated WebP
+        image.load()
+        if fmt == "JPEG":
+            ImageOps.exif_transpose(image, in_place=True)
+    return image
+
+
+def decode_cost(image: Image.Image) -> int:
+    """Bytes that decoding and converting ``image`` (opened, not decoded) may hold at once:
+    its pixels times what each may take in ``load_image`` and ``_to_mode`` (the decoded
+    pixels, plus the copies of a conversion; 16-bit and float images pass through float32)."""
+    width, height = image.size
+    per_pixel = 12 if image.mode in ("I", "F") or image.mode.startswith("I;16") else 10
+    return width * height * per_pixel
+
+
+@contextmanager
+def _pillow_errors(name: str, fmt: str, data: bytes, limit: int) -> Iterator[None]:
+    """Pillow's errors on a client's file ``data``, as our 413 (a decompression bomb over
+    ``limit`` pixels) or 400."""
     try:
         with warnings.catch_warnings():
             # Pillow warns (not raises) between MAX_IMAGE_PIXELS and twice it: make it an error.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=[fmt])
-            width, height = image.size
-            if width * height > max_pixels:
-                raise _too_many_pixels(name, fmt, width, height, max_pixels)
-            image.seek(0)  # first frame of a GIF or animated WebP
-            image.load()
-            if fmt == "JPEG":
-                ImageOps.exif_transpose(image, in_place=True)
+            yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
         raise _too_many_pixels(name, fmt, *_header_size(data, fmt), limit) from None
     except UnidentifiedImageError:
         raise BadRequestError(
@@ -91,7 +124,6 @@ def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> Image.
         raise BadRequestError(
             f"{name} is a truncated or corrupt {fmt} file: {exc}", code="invalid_image"
         ) from None
-    return image
 
 
 def _too_many_pixels(
@@ -120,26 +152,39 @@ def _header_size(data: bytes, fmt: str) -> tuple[int, int]:
 
 
 def _to_mode(image: Image.Image, channels: int) -> Image.Image:
-    """Grayscale (``L``) or ``RGB``; transparent pixels are composited over white."""
+    """Grayscale (``L``) or ``RGB``; transparent pixels are composited over white. Each step
+    makes one copy at most (``decode_cost`` counts on it)."""
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
+        if image.mode != "RGBA":
+            image = image.convert("RGBA")
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image)  # the alpha band as the mask
+        image = background
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         # 16-bit and float grayscale: rescale to 8 bits instead of clipping.
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I") and values.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(values / top * 255.0, 0, 255).astype(np.uint8), "L")
-    return image.convert("L" if channels == 1 else "RGB")
+        values = np.asarray(image, dtype=np.float32)
+        top = np.float32(65535.0 if image.mode.startswith("I") and values.max() > 255 else 255.0)
+        values *= np.float32(255.0) / top
+        np.clip(values, 0, 255, out=values)
+        image = Image.fromarray(values.astype(np.uint8), "L")
+    target = "L" if channels == 1 else "RGB"
+    return image if image.mode == target else image.convert(target)
 
 
-def preprocess_images(images: Sequence[Image.Image], prep: Preprocessing) -> np.ndarray:
-    """Convert, resize and normalise images per ``prep``: (N, C, H, W) float32."""
+def preprocess_images(images: Iterable[Image.Image], prep: Preprocessing) -> np.ndarray:
+    """Convert, resize and normalise images per ``prep``: (N, C, H, W) float32. Each image
+    is closed once resized, its pixels freed then: an iterator that decodes as it goes holds
+    one decoded image at a time."""
     resample = _RESAMPLING[prep.resize]
     size = (prep.width, prep.height)  # PIL takes (W, H)
-    pixels = np.stack(
-        [np.asarray(_to_mode(im, prep.channels).resize(size, resample)) for im in images]
-    )  # (N, H, W) or (N, H, W, 3), uint8
+
+    def resized(image: Image.Image) -> np.ndarray:
+        try:
+            return np.asarray(_to_mode(image, prep.channels).resize(size, resample))
+        finally:
+            image.close()
+
+    pixels = np.stack([resized(im) for im in images])  # (N, H, W) or (N, H, W, 3), uint8
     # (N, 1, H, W) or (N, 3, H, W)
     pixels = pixels[:, None] if prep.channels == 1 else pixels.transpose(0, 3, 1, 2)
     x = pixels.astype(np.float32) * np.float32(1.0 / 255.0)  # [0, 1]

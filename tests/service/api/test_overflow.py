@@ -28,6 +28,7 @@ pytestmark = pytest.mark.network
 
 OVERFLOW = 3e38  # finite in float32 (max 3.4e38); a 3x3 convolution of it is not
 NORMAL_REQUESTS = 10
+ADMIN_KEY = "overflow-test-admin-key"
 MONITOR_FAMILIES = ("relu_serve_activation_", "relu_serve_monitor_")
 
 
@@ -35,7 +36,10 @@ MONITOR_FAMILIES = ("relu_serve_activation_", "relu_serve_monitor_")
 def server(model_repo: Path) -> Iterator[str]:
     """The service on the fixture repository; the monitor claims dead units and drift from
     ``NORMAL_REQUESTS`` samples on."""
-    env = {"RELU_SERVE_MONITOR_MIN_SAMPLES": str(NORMAL_REQUESTS)}
+    env = {
+        "RELU_SERVE_MONITOR_MIN_SAMPLES": str(NORMAL_REQUESTS),
+        "RELU_SERVE_MANAGEMENT_API_KEY": ADMIN_KEY,  # the monitor's reset takes it
+    }
     with uvicorn_server(model_repo, env=env) as (url, _process):
         yield url
 
@@ -106,7 +110,8 @@ def test_an_input_that_overflows_inside_the_model_is_422_and_stays_out_of_the_mo
 ) -> None:
     send = send_v1 if protocol == "v1" else send_v2
     with httpx.Client(base_url=server, timeout=30) as client:
-        assert client.post("/v1/models/tiny/activations/reset").status_code == 200
+        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        assert client.post("/v1/models/tiny/activations/reset", headers=admin).status_code == 200
         x = reference_inputs(2, seed=5)
         x[1] = OVERFLOW  # sample 1 overflows; sample 0 is an ordinary image
         assert np.isfinite(x).all()
