@@ -20,9 +20,11 @@ Safety rules, in the order an upload meets them:
    upload, never one in progress in another worker or replica.
 2. **Validated before it serves.** The staged file is loaded (ONNX check, our metadata,
    labels against the output, the input), its preprocessing is checked against the input
-   shape, and it runs on zeros with and without statistics (a warm-up that must succeed).
-   A bad file is answered 422 naming the problem; the repository and what serves are as
-   before.
+   shape, and it runs on zeros with and without statistics (a warm-up that must succeed):
+   first in a child process with a time and a memory limit (``service.core.validation``:
+   ``validation_timeout_s``, ``validation_memory_bytes``), then, once that said OK, here for
+   serving. A bad file, or one over a limit, is answered 422 naming the problem (the child
+   killed); the repository and what serves are as before.
 3. **Installed atomically.** A new version folder is renamed into place whole
    (``os.replace``); a replaced file is renamed over the old one; then the parent folder is
    fsynced; then ``state.json`` is written the same way. A crash at any point leaves either
@@ -78,6 +80,7 @@ from service.core.repository import (
     fsync_dir,
     repository_lock,
 )
+from service.core.validation import ChildValidator, ValidationLimits, ValidationRefused
 from service.runtime.loaded_model import LoadedModel, ModelLoadError
 from service.runtime.servable import check_servable
 
@@ -236,10 +239,18 @@ class ModelManager:
     """Management operations on the data plane's repository (each returns a JSON-ready
     dict), and the poller that keeps this process on what the repository holds."""
 
-    def __init__(self, plane: DataPlane, max_upload_bytes: int, poll_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        plane: DataPlane,
+        max_upload_bytes: int,
+        poll_s: float = 2.0,
+        *,
+        validation: ValidationLimits,
+    ) -> None:
         self.plane = plane
         self.max_upload_bytes = max_upload_bytes
         self.poll_s = poll_s
+        self.validator = ChildValidator(validation)
         self._lock = asyncio.Lock()
         self._seen: tuple[Any, ...] | None = None  # the disk's fingerprint at the last sync
         self._poller: asyncio.Task[None] | None = None
@@ -258,8 +269,15 @@ class ModelManager:
         await anyio.to_thread.run_sync(clean_staging, self.repository.root)
         self._poller = asyncio.create_task(self._poll_forever(), name="repository-poller")
 
+    def stop_validations(self) -> None:
+        """Kill the validations in progress and refuse new ones (503): the server stops.
+        Safe from a signal handler or another thread."""
+        self.validator.stop()
+
     async def stop(self) -> None:
-        """Stop polling (a sync in progress is abandoned; nothing it loaded was published)."""
+        """Stop polling (a sync in progress is abandoned; nothing it loaded was published)
+        and validating."""
+        self.stop_validations()
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -471,18 +489,25 @@ class ModelManager:
         return staged
 
     async def _validate(self, path: Path, name: str, version: str) -> LoadedModel:
-        """Load, warm up and check a file as ``name``/``version``: 422 naming the problem."""
+        """Validate a file from a client in a child process with a time and a memory limit
+        (``service.core.validation``), then load it here for serving: 422 naming the
+        problem, or the limit it hit."""
         repo = self.repository
 
-        def work() -> LoadedModel:
+        def load() -> LoadedModel:
             model = repo.load_file(path, name, version)
-            check_servable(model)
+            check_servable(model)  # again, on the providers that will serve it
             return model
 
         try:
-            return await anyio.to_thread.run_sync(work)
+            await self.validator.validate(path, name, version)
+            return await anyio.to_thread.run_sync(load)
+        except ValidationRefused as exc:
+            reason = exc.reason
         except ModelLoadError as exc:
             reason = exc.reason
+        except ServiceError:
+            raise
         except Exception as exc:  # a graph that trips the loader in a way nobody foresaw
             logger.exception("validating an upload of %s version %s", name, version)
             reason = f"the model could not be loaded ({type(exc).__name__}: {exc})"
