@@ -22,6 +22,7 @@ from service.core.images import configure_pillow
 from service.core.metrics import ServiceMetrics
 from service.core.model_manager import ModelManager
 from service.core.repository import ModelNotFoundError
+from service.core.validation import ValidationLimits
 from service.runtime.loaded_model import ModelInputError
 from service.server.dispatch import (
     Arguments,
@@ -62,7 +63,10 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     settings = settings or load_settings()
     service_metrics = ServiceMetrics()
     plane = DataPlane(settings, service_metrics)
-    manager = ModelManager(plane, settings.max_upload_bytes, settings.repository_poll_s)
+    limits = ValidationLimits(settings.validation_timeout_s, settings.validation_memory_bytes)
+    manager = ModelManager(
+        plane, settings.max_upload_bytes, settings.repository_poll_s, validation=limits
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -79,7 +83,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         # the in-flight requests', so collecting every 700 allocations (the default) walks
         # them again and again.
         gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
-        shutdown = GracefulShutdown(plane, settings.shutdown_delay_s)
+        shutdown = GracefulShutdown(
+            plane, settings.shutdown_delay_s, on_stop=manager.stop_validations
+        )
         shutdown.install()  # SIGTERM: readiness 503 first, then uvicorn drains
         try:
             yield

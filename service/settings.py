@@ -267,6 +267,18 @@ class ServiceSettings(BaseSettings):
     """Largest model file one management upload may carry, in bytes; larger ones get 413.
     Separate from ``max_body_bytes``, which stays small for prediction requests."""
 
+    validation_timeout_s: float = Field(default=60.0, gt=0.0, le=3600.0)
+    """Longest time the validation of a model file from the management API (upload, load)
+    may take: loading, shape inference and the warm-up runs, in a child process
+    (``service.core.validation``) that is killed past it; the file is refused with 422. The
+    child's start (~1 s: a Python importing onnxruntime) is not counted."""
+
+    validation_memory_bytes: int = Field(default=768 * 1024 * 1024, ge=256 * 1024 * 1024)
+    """Address space (``RLIMIT_AS``) of the child process that validates a model file from the
+    management API; a file whose loading or warm-up needs more is refused with 422. Python and
+    onnxruntime take ~250 MiB of it; a model needs about 6 times its file size more. The
+    default fits a validation beside the two workers of ``deploy/``'s 1 Gi pod."""
+
     default_versions: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
     """Version that serves requests naming none, per model, as JSON (``{"digits": 1}``);
     other models serve their highest version. The management API changes it at run time."""

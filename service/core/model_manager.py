@@ -20,9 +20,11 @@ Safety rules, in the order an upload meets them:
    upload, never one in progress in another worker or replica.
 2. **Validated before it serves.** The staged file is loaded (ONNX check, our metadata,
    labels against the output, the input), its preprocessing is checked against the input
-   shape, and it runs on zeros with and without statistics (a warm-up that must succeed).
-   A bad file is answered 422 naming the problem; the repository and what serves are as
-   before.
+   shape, and it runs on zeros with and without statistics (a warm-up that must succeed):
+   first in a child process with a time and a memory limit (``service.core.validation``:
+   ``validation_timeout_s``, ``validation_memory_bytes``), then, once that said OK, here for
+   serving. A bad file, or one over a limit, is answered 422 naming the problem (the child
+   killed); the repository and what serves are as before.
 3. **Installed atomically.** A new version folder is renamed into place whole
    (``os.replace``); a replaced file is renamed over the old one; then the parent folder is
    fsynced; then ``state.json`` is written the same way. A crash at any point leaves either
@@ -56,7 +58,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio.to_thread
-import numpy as np
 
 from service.core.dataplane import DataPlane
 from service.core.errors import (
@@ -79,7 +80,9 @@ from service.core.repository import (
     fsync_dir,
     repository_lock,
 )
+from service.core.validation import ChildValidator, ValidationLimits, ValidationRefused
 from service.runtime.loaded_model import LoadedModel, ModelLoadError
+from service.runtime.servable import check_servable
 
 logger = logging.getLogger(__name__)
 
@@ -89,9 +92,6 @@ VERSION_PATTERN = r"^0*[1-9][0-9]{0,8}$"
 STAGING_DIR = ".staging"
 LOCK_SUFFIX = ".lock"  # a staging folder's lock file: <folder>.lock beside it
 T = TypeVar("T")
-# Guess for dynamic non-batch input dims the metadata does not size (as LoadedModel.warm_up).
-_GUESSED_DIM = 32
-_WARMUP_BATCH = 2  # > 1: proves the batch axis is really dynamic
 
 
 class ConflictError(ServiceError):
@@ -149,69 +149,6 @@ def _sync(file: Any) -> None:
         os.fsync(file.fileno())
     except OSError as exc:
         raise _storage_error("stage an upload", exc) from exc
-
-
-def warmup_shape(model: LoadedModel) -> list[int]:
-    """A concrete input shape for a validation run: batch 2, sizes from the preprocessing
-    metadata for dynamic image dims, a guess for others."""
-    shape = model.input_shape
-    prep = model.preprocessing
-    dims = [_WARMUP_BATCH]
-    for axis, dim in enumerate(shape[1:], start=1):
-        if dim is None:
-            if prep is not None and len(shape) == 4:
-                dim = (prep.channels, prep.height, prep.width)[axis - 1]
-            else:
-                dim = _GUESSED_DIM
-        dims.append(dim)
-    return dims
-
-
-def check_servable(model: LoadedModel) -> None:
-    """What ``LoadedModel.load`` leaves to the server: the preprocessing fits the input, the
-    batch axis is dynamic, and a run gives one finite row per sample and label, with and
-    without statistics. Raises ``ModelLoadError`` naming the problem."""
-    path, shape, prep = model.path, model.input_shape, model.preprocessing
-    if shape and shape[0] is not None:
-        raise ModelLoadError(
-            path,
-            f"input {model.input_name!r} has a fixed batch size of {shape[0]}; the service "
-            "batches requests together: export with a dynamic batch axis",
-        )
-    if prep is not None:
-        if len(shape) != 4:
-            raise ModelLoadError(
-                path,
-                f"the metadata's preprocessing makes images (N, C, H, W) but input "
-                f"{model.input_name!r} has rank {len(shape)}",
-            )
-        wanted = {"channels": prep.channels, "height": prep.height, "width": prep.width}
-        for axis, (what, want) in enumerate(wanted.items(), start=1):
-            if shape[axis] is not None and shape[axis] != want:
-                raise ModelLoadError(
-                    path,
-                    f"the metadata's preprocessing gives {what} {want} but input "
-                    f"{model.input_name!r} has {shape[axis]} (dim {axis})",
-                )
-    x = np.zeros(warmup_shape(model), dtype=model.input_dtype)
-    modes = ["none", "summary"] if model.has_statistics else ["none"]
-    for mode in modes:
-        try:
-            result = model.run(x, mode)
-        except Exception as exc:
-            raise ModelLoadError(
-                path, f"a run on zeros of shape {list(x.shape)} failed ({exc})"
-            ) from exc
-        out = result.probabilities
-        labels = len(model.labels) if model.labels else None
-        if out.ndim != 2 or out.shape[0] != x.shape[0] or (labels and out.shape[1] != labels):
-            raise ModelLoadError(
-                path,
-                f"output {model.output_name!r} has shape {list(out.shape)} for a batch of "
-                f"{x.shape[0]}; expected [{x.shape[0]}, {labels or 'classes'}]",
-            )
-        if not np.isfinite(out).all():
-            raise ModelLoadError(path, "a run on zeros gave non-finite outputs")
 
 
 class StagingFolder:
@@ -302,10 +239,18 @@ class ModelManager:
     """Management operations on the data plane's repository (each returns a JSON-ready
     dict), and the poller that keeps this process on what the repository holds."""
 
-    def __init__(self, plane: DataPlane, max_upload_bytes: int, poll_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        plane: DataPlane,
+        max_upload_bytes: int,
+        poll_s: float = 2.0,
+        *,
+        validation: ValidationLimits,
+    ) -> None:
         self.plane = plane
         self.max_upload_bytes = max_upload_bytes
         self.poll_s = poll_s
+        self.validator = ChildValidator(validation)
         self._lock = asyncio.Lock()
         self._seen: tuple[Any, ...] | None = None  # the disk's fingerprint at the last sync
         self._poller: asyncio.Task[None] | None = None
@@ -324,8 +269,15 @@ class ModelManager:
         await anyio.to_thread.run_sync(clean_staging, self.repository.root)
         self._poller = asyncio.create_task(self._poll_forever(), name="repository-poller")
 
+    def stop_validations(self) -> None:
+        """Kill the validations in progress and refuse new ones (503): the server stops.
+        Safe from a signal handler or another thread."""
+        self.validator.stop()
+
     async def stop(self) -> None:
-        """Stop polling (a sync in progress is abandoned; nothing it loaded was published)."""
+        """Stop polling (a sync in progress is abandoned; nothing it loaded was published)
+        and validating."""
+        self.stop_validations()
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -537,18 +489,25 @@ class ModelManager:
         return staged
 
     async def _validate(self, path: Path, name: str, version: str) -> LoadedModel:
-        """Load, warm up and check a file as ``name``/``version``: 422 naming the problem."""
+        """Validate a file from a client in a child process with a time and a memory limit
+        (``service.core.validation``), then load it here for serving: 422 naming the
+        problem, or the limit it hit."""
         repo = self.repository
 
-        def work() -> LoadedModel:
+        def load() -> LoadedModel:
             model = repo.load_file(path, name, version)
-            check_servable(model)
+            check_servable(model)  # again, on the providers that will serve it
             return model
 
         try:
-            return await anyio.to_thread.run_sync(work)
+            await self.validator.validate(path, name, version)
+            return await anyio.to_thread.run_sync(load)
+        except ValidationRefused as exc:
+            reason = exc.reason
         except ModelLoadError as exc:
             reason = exc.reason
+        except ServiceError:
+            raise
         except Exception as exc:  # a graph that trips the loader in a way nobody foresaw
             logger.exception("validating an upload of %s version %s", name, version)
             reason = f"the model could not be loaded ({type(exc).__name__}: {exc})"

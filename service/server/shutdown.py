@@ -9,11 +9,13 @@ pod-lifecycle/#pod-termination). So, on SIGTERM:
 1. readiness turns false at once: ``/health/ready`` and ``/v2/health/ready`` answer 503;
 2. the server keeps serving for ``shutdown_delay_s`` (``RELU_SERVE_SHUTDOWN_DELAY_S``), long
    enough for load balancers to see the 503 or the endpoint removal;
-3. then the signal goes to uvicorn's own handler, which stops accepting, lets requests in
-   flight finish (``--timeout-graceful-shutdown``), runs the lifespan shutdown (the data
-   plane drains its workers) and raises SIGTERM again; ``python -m service`` answers that
-   with status 0 (a requested, clean stop is a success, as gunicorn counts it), where plain
-   ``uvicorn`` dies by the signal (status 143).
+3. then ``on_stop`` runs (the model manager kills the validations in progress: their
+   requests answer 503 at once instead of holding the drain for up to
+   ``validation_timeout_s``), and the signal goes to uvicorn's own handler, which stops
+   accepting, lets requests in flight finish (``--timeout-graceful-shutdown``), runs the
+   lifespan shutdown (the data plane drains its workers) and raises SIGTERM again;
+   ``python -m service`` answers that with status 0 (a requested, clean stop is a success,
+   as gunicorn counts it), where plain ``uvicorn`` dies by the signal (status 143).
 
 A second SIGTERM during the delay skips the rest of it. SIGINT (Ctrl+C) is left to uvicorn.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import Any, Protocol
 
@@ -50,9 +53,12 @@ class Drainable(Protocol):
 class GracefulShutdown:
     """Installs a SIGTERM handler in front of the server's own (uvicorn's) for one lifespan."""
 
-    def __init__(self, plane: Drainable, delay_s: float) -> None:
+    def __init__(
+        self, plane: Drainable, delay_s: float, on_stop: Callable[[], None] | None = None
+    ) -> None:
         self.plane = plane
         self.delay_s = delay_s
+        self.on_stop = on_stop  # called from the signal handler or the delay's thread
         self.draining = False
         self._original: Any = None
         self._timer: threading.Timer | None = None
@@ -105,5 +111,11 @@ class GracefulShutdown:
 
     def _stop_server(self, signum: int, frame: FrameType | None) -> None:
         """Hand the signal to the server's own handler: uvicorn stops, drains and, once shut
-        down, raises the signal again (``python -m service`` turns that into status 0)."""
+        down, raises the signal again (``python -m service`` turns that into status 0).
+        ``on_stop`` first."""
+        if self.on_stop is not None:
+            try:
+                self.on_stop()
+            except Exception:  # the server must stop whatever the callback did
+                logger.exception("on_stop callback of the graceful shutdown")
         self._original(signum, frame)

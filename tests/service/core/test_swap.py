@@ -32,8 +32,10 @@ KEY = "swap-test-management-key-000"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 RAW = {**AUTH, "Content-Type": "application/octet-stream"}
 CLIENTS = 8
-REQUESTS_PER_CLIENT = 1000  # a cap: clients stop when the swaps are done
-MAX_SECONDS = 12.0
+REQUESTS_PER_CLIENT = 2000  # a cap: clients stop when the swaps are done
+# Each round of swaps validates 5 files, each in a child process (~1 s to start, more under
+# this load): two rounds at least.
+MAX_SECONDS = 30.0
 
 
 def constant_model(generation: int) -> tuple[bytes, np.ndarray]:
