@@ -132,14 +132,14 @@ class ServiceSettings(BaseSettings):
     """Most pixels (width x height, summed) of the images in one request, read from their
     headers before any is decoded; more get 413."""
 
-    decode_budget_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
+    decode_budget_bytes: int = Field(default=192 * 1024 * 1024, ge=1024 * 1024)
     """Memory that decoding images may take at once in one worker process, all requests
     together: each image's pixels times 10 bytes (12 for 16-bit) are taken before it is
     decoded and given back once it is resized. A request waits for its turn up to
     ``request_deadline_s`` (then 503 with Retry-After); one image that could never fit is
     413. With ``body_budget_bytes`` and the worker count, what fits a pod's memory."""
 
-    body_budget_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
+    body_budget_bytes: int = Field(default=32 * 1024 * 1024, ge=1024 * 1024)
     """Memory that request bodies being read may take at once in one worker process, all
     requests together (model uploads, streamed to disk, excepted): a body's Content-Length
     (``max_body_bytes`` when it is sent in chunks) is taken before it is read and given back
