@@ -124,20 +124,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.head_since is None:
             self.head_since = self.loop.time()
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if len(self.headers) >= self.limits.max_header_count:
+    def on_headers_complete(self) -> None:
+        # The bytes received while the head was read bound its size from above (they may
+        # hold the start of the body too): only a head that may be too large is measured.
+        if self.head_bytes is not None and self.head_bytes > self.limits.max_header_bytes:
+            size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
+            if size > self.limits.max_header_bytes:
+                raise HeadRefusedError(*self.head_too_large(str(size)))
+        if len(self.headers) > self.limits.max_header_count:
             raise HeadRefusedError(
                 431,
                 "too_many_headers",
-                f"request has more than {self.limits.max_header_count} header fields "
-                "(max_header_count)",
+                f"request has {len(self.headers)} header fields, over the limit of "
+                f"{self.limits.max_header_count} (max_header_count)",
             )
-        super().on_header(name, value)
-
-    def on_headers_complete(self) -> None:
-        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
-        if size > self.limits.max_header_bytes:
-            raise HeadRefusedError(*self.head_too_large(str(size)))
         self.head_bytes = self.head_since = None
         self.body_seen = self.loop.time()
         super().on_headers_complete()

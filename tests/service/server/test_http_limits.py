@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import selectors
 import signal
 import socket
 import statistics
@@ -83,9 +84,14 @@ def head(extra: bytes = b"") -> bytes:
         (b"X-Big: " + b"a" * 200_000 + b"\r\n\r\n", "headers_too_large", "max_header_bytes"),
         (b"X-Big: " + b"a" * 40_000 + b"\r\n\r\n", "headers_too_large", "max_header_bytes"),
         (
-            b"".join(b"X-%d: 1\r\n" % i for i in range(10_000)),
+            b"".join(b"X-%d: 1\r\n" % i for i in range(150)) + b"\r\n",
             "too_many_headers",
             "max_header_count",
+        ),
+        (  # 10,000 small headers pass the size limit first
+            b"".join(b"X-%d: 1\r\n" % i for i in range(10_000)) + b"\r\n",
+            "headers_too_large",
+            "max_header_bytes",
         ),
         (  # the shape header of the report, over the limit: refused before it is parsed
             b"X-Tensor-Shape: 1,1,8," + b" " * 4_000_000 + b"8\r\n\r\n",
@@ -169,7 +175,21 @@ def test_idle_half_open_connections_are_closed_and_others_served(
     # while a normal client's requests are answered fast throughout.
     url, port = server
     idle = [send_raw(port, head()) for _ in range(500)]
-    opened = time.monotonic()
+    opened = time.monotonic()  # the last one opened: each was opened before this
+    closed_at: list[float] = []  # when each got its answer, seconds after ``opened``
+
+    def watch() -> None:
+        with selectors.DefaultSelector() as selector:
+            for sock in idle:
+                sock.setblocking(False)
+                selector.register(sock, selectors.EVENT_READ)
+            while len(closed_at) < len(idle) and time.monotonic() - opened < TIMEOUT_S + 5:
+                for key, _ in selector.select(timeout=0.05):
+                    closed_at.append(time.monotonic() - opened)
+                    selector.unregister(key.fileobj)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     latencies: list[float] = []
     with httpx.Client(base_url=url) as client:
         body, json_type = predict_body(2), {"content-type": "application/json"}
@@ -177,14 +197,20 @@ def test_idle_half_open_connections_are_closed_and_others_served(
             start = time.perf_counter()
             assert client.post(PREDICT, content=body, headers=json_type).status_code == 200
             latencies.append(time.perf_counter() - start)
-    closed_by = []
+    watcher.join()
     for sock in idle:
+        sock.setblocking(True)
         sock.settimeout(5)
         status, _, _ = answer_of(sock)
         assert status == 408
-        closed_by.append(time.monotonic() - opened)
-    assert max(closed_by) < TIMEOUT_S + 2
+    assert len(closed_at) == len(idle)
+    assert max(closed_at) < TIMEOUT_S + 1  # the sweep looks ten times per timeout
     p99 = statistics.quantiles(latencies, n=100)[98]
+    print(  # noqa: T201 - the figure the closing note quotes
+        f"\n500 half-open: answered 408 and closed {min(closed_at):.2f}-{max(closed_at):.2f} s "
+        f"after opening (timeout {TIMEOUT_S} s); meanwhile {len(latencies)} requests, "
+        f"p50 {statistics.median(latencies) * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms"
+    )
     assert len(latencies) > 50
     assert p99 < 0.05, p99
 
