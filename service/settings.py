@@ -271,7 +271,7 @@ class ServiceSettings(BaseSettings):
     """Longest time the validation of a model file from the management API (upload, load)
     may take: loading, shape inference and the warm-up runs, in a child process
     (``service.core.validation``) that is killed past it; the file is refused with 422. The
-    child's start (~1 s: a Python importing onnxruntime) is not counted."""
+    child's start (~1 s: a Python importing onnxruntime) is counted."""
 
     validation_memory_bytes: int = Field(default=768 * 1024 * 1024, ge=256 * 1024 * 1024)
     """Address space (``RLIMIT_AS``) of the child process that validates a model file from the

@@ -18,17 +18,18 @@ process can be stopped, so the management API validates a file (upload, load) li
    for BLAS and OpenMP pools (their per-core threads would use up the address space on a big
    host), and ``oom_score_adj`` 1000 (if the pod runs out of memory anyway, the kernel kills
    the child, not a server).
-3. It tells the server it is ready; from then on the server gives it ``validation_timeout_s``
-   to load the file (CPU provider, one intra-op thread, so it leaves the other cores to
-   serving), warm it up, check it (``check_servable``) and answer on a pipe.
+3. It tells the server it is ready; the server gives it what is left of
+   ``validation_timeout_s``, counted from the start, to load the file (CPU provider, one
+   intra-op thread, so it leaves the other cores to serving), warm it up, check it
+   (``check_servable``) and answer on a pipe.
 4. The server waits on the event loop (the child's exit, never a blocked thread). Past the
    time limit, when the request is cancelled, or when the server stops (``stop``: SIGTERM),
    the child is killed (SIGKILL) and reaped.
 
 Every refusal is a ``ValidationRefused`` whose reason names the problem, or the limit hit and
 its setting; a stop answers 503. The child's start costs about a second (a Python that imports
-onnxruntime), not counted in ``validation_timeout_s``; a child that is not ready within
-``START_TIMEOUT_S`` is killed too.
+onnxruntime), counted in ``validation_timeout_s``, so that a refusal comes within the limit of
+the request; a child that is not ready within ``START_TIMEOUT_S`` is killed too.
 """
 
 from __future__ import annotations
@@ -129,12 +130,12 @@ class ChildValidator:
         try:
             # Start in a thread: spawning writes the child's preparation data to a pipe, and
             # the first start also launches multiprocessing's resource tracker.
+            started = time.monotonic()
             await anyio.to_thread.run_sync(process.start)
             sender.close()  # the child holds the only writer: its exit is EOF here
             if self._stopping:  # a stop that came while it started did not see its pid
                 _kill(process)
-            started = time.monotonic()
-            outcome = await self._answer(process, receiver, name, version)
+            outcome = await self._answer(process, receiver, name, version, started)
             self._refuse_when_stopping(name, version)  # killed by stop: no verdict on the file
             logger.info(
                 "validated %s version %s in a child process: %s after %.2f s",
@@ -151,10 +152,11 @@ class ChildValidator:
             sender.close()
 
     async def _answer(
-        self, process: BaseProcess, receiver: Connection, name: str, version: str
+        self, process: BaseProcess, receiver: Connection, name: str, version: str, started: float
     ) -> tuple[str, str] | None:
-        """Wait for the started child to be ready, then for its exit within the time limit;
-        its answer (None if it died without one). ``ValidationRefused`` past a limit."""
+        """Wait for the started child to be ready, then for its exit within the time limit
+        counted from ``started``; its answer (None if it died without one).
+        ``ValidationRefused`` past a limit."""
         ready = await _wait_readable([receiver.fileno(), process.sentinel], START_TIMEOUT_S)
         if not ready:
             raise ValidationRefused(
@@ -166,7 +168,8 @@ class ChildValidator:
                 _kill(process)  # answered, but does not exit
             process.join(REAP_TIMEOUT_S)  # it has exited (or was killed): at once
             return first
-        if not await _wait_readable([process.sentinel], self.limits.timeout_s):
+        left = self.limits.timeout_s - (time.monotonic() - started)
+        if not await _wait_readable([process.sentinel], max(0.0, left)):
             logger.warning(
                 "validating %s version %s: over %g s (validation_timeout_s), killed",
                 name,
