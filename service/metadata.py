@@ -63,7 +63,9 @@ class ActivationLayer(BaseModel):
     """One activation layer of the network and the graph tensor it produces."""
 
     name: str  # the module's name in the training code, e.g. "features.0.act"
-    kind: str  # one of ACTIVATION_KINDS, or an ONNX op name for foreign models
+    # one of ACTIVATION_KINDS; for foreign models also silu, gelu, hardswish, mish (found by
+    # service.runtime.activations), clip, or the ONNX op name of another activation op
+    kind: str
     channels: int = Field(gt=0)
     tensor: str  # output tensor name in the ONNX graph
     node: str = ""  # ONNX node name, informative
