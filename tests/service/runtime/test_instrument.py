@@ -288,6 +288,46 @@ def test_clip_other_than_relu6_and_output_activations() -> None:
     assert [(a.name, a.kind) for a in layers] == [("clip01", "clip")]
 
 
+def test_activation_patterns_in_other_orders_and_gates_by_hand() -> None:
+    """GELU as (0.5 * x) * (1 + erf(x * 1/sqrt 2)) is one gelu layer; a Sigmoid multiplying
+    another tensor is a gate (left out); an Erf chain with another scale is no GELU; a plain
+    Sigmoid feeding a Relu stays a sigmoid layer."""
+    scalars = {"inv_sqrt2": 0.70710677, "half": 0.5, "one": 1.0, "wrong": 0.4}
+    nodes = [
+        helper.make_node("Mul", ["x", "inv_sqrt2"], ["u"]),
+        helper.make_node("Erf", ["u"], ["e"]),
+        helper.make_node("Add", ["one", "e"], ["a"]),
+        helper.make_node("Mul", ["half", "x"], ["hx"]),
+        helper.make_node("Mul", ["hx", "a"], ["gelu"], name="gelu"),
+        helper.make_node("Sigmoid", ["x"], ["s"], name="gate"),
+        helper.make_node("Mul", ["z", "s"], ["gated"]),
+        helper.make_node("Mul", ["x", "wrong"], ["u2"]),
+        helper.make_node("Erf", ["u2"], ["e2"]),
+        helper.make_node("Add", ["e2", "one"], ["a2"]),
+        helper.make_node("Mul", ["x", "a2"], ["m2"]),
+        helper.make_node("Mul", ["m2", "half"], ["not_gelu"]),
+        helper.make_node("Sigmoid", ["z"], ["plain"], name="plain"),
+        helper.make_node("Relu", ["plain"], ["after"], name="after"),
+    ]
+    outs = ["gelu", "gated", "not_gelu", "after"]
+    graph = helper.make_graph(
+        [*nodes, *(helper.make_node("Identity", [t], [t + "_out"]) for t in outs)],
+        "patterns",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 4]) for n in ("x", "z")],
+        [helper.make_tensor_value_info(t + "_out", TensorProto.FLOAT, ["N", 4]) for t in outs],
+        initializer=[
+            numpy_helper.from_array(np.array(v, np.float32), k) for k, v in scalars.items()
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    layers = find_activation_nodes(model)
+    assert [(a.name, a.kind, a.tensor, a.channels, a.rank) for a in layers] == [
+        ("gelu", "gelu", "gelu", 4, 2),
+        ("plain", "sigmoid", "plain", 4, 2),
+        ("after", "relu", "after", 4, 2),
+    ]
+
+
 def test_declared_layers_must_exist_in_the_graph(tiny_cnn_path: Path) -> None:
     model = onnx.load(str(tiny_cnn_path))
     bogus = ActivationLayer(name="ghost", kind="relu", channels=4, tensor="no/such/tensor")
