@@ -262,12 +262,9 @@ def _extra_outputs(
             continue
         declared = out.type.tensor_type.HasField("shape")
         dims: Sequence[int | str | None] = _dims(out) if declared else shapes.get(out.name) or []
-        first = dims[0] if dims else 0
-        if declared:
-            batch_first = first is None or first == batch
-        else:
-            batch_first = first == (batch or 1)
-        if dims and batch_first:
+        first = dims[0] if dims else 0  # a scalar: not per sample
+        inferred_first = batch or 1  # the shapes inferred at batch 1
+        if (first is None or first == batch) if declared else (first == inferred_first):
             extra.append(out.name)
     return tuple(extra)
 
