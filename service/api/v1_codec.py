@@ -204,8 +204,16 @@ def _from_bytes(raw: bytes, shape: tuple[int, ...], what: str) -> np.ndarray:
 
 def decode_json_tensor(tensor: Any) -> np.ndarray:
     """``{"shape": [...], "data": base64 | nested lists, "dtype": "float32"?}`` -> the tensor."""
+    if isinstance(tensor, list):  # the nested lists themselves: say where they go
+        raise BadRequestError(
+            '"tensor" must be an object, got a list: put nested lists in its "data", as '
+            '{"tensor": {"shape": [...], "data": [[...]]}} (the shape may then be left out)'
+        )
     if not isinstance(tensor, dict):
-        raise BadRequestError('"tensor" must be an object {"shape": [...], "data": ...}')
+        raise BadRequestError(
+            '"tensor" must be an object {"shape": [...], "data": base64 | [[...]]}, got '
+            f"{type(tensor).__name__}"
+        )
     dtype = tensor.get("dtype", "float32")
     if dtype not in ("float32", "FP32", "<f4"):
         raise BadRequestError(

@@ -27,12 +27,21 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 EXTENSIONS = ("binary_tensor_data",)
 PLATFORM = "onnxruntime_onnx"
 
-# Datatypes we can send back; inputs must be FP32 (the models are float32 classifiers).
+# Datatypes we can send back (a model's extra outputs may have any of them); inputs must be
+# FP32 (the models are float32 classifiers).
 NP_TO_V2 = {
     np.dtype(np.float32): "FP32",
     np.dtype(np.int32): "INT32",
     np.dtype(np.int64): "INT64",
     np.dtype(np.float64): "FP64",
+    np.dtype(np.float16): "FP16",
+    np.dtype(np.int8): "INT8",
+    np.dtype(np.int16): "INT16",
+    np.dtype(np.uint8): "UINT8",
+    np.dtype(np.uint16): "UINT16",
+    np.dtype(np.uint32): "UINT32",
+    np.dtype(np.uint64): "UINT64",
+    np.dtype(np.bool_): "BOOL",
 }
 INPUT_DATATYPES = ("FP32",)
 

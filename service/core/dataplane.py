@@ -289,6 +289,7 @@ class DataPlane:
                 probabilities=result.probabilities,
                 layer_stats=None,
                 per_sample_active=None,
+                outputs=result.outputs,
             )
         return result
 

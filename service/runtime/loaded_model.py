@@ -19,7 +19,7 @@ import math
 import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -59,6 +59,16 @@ _ORT_DTYPES: dict[str, np.dtype] = {
     "tensor(double)": np.dtype(np.float64),
     "tensor(uint8)": np.dtype(np.uint8),
     "tensor(int8)": np.dtype(np.int8),
+}
+# ... and for the other types a model's extra outputs may have.
+_ORT_OUTPUT_DTYPES: dict[str, np.dtype] = {
+    "tensor(int32)": np.dtype(np.int32),
+    "tensor(int64)": np.dtype(np.int64),
+    "tensor(int16)": np.dtype(np.int16),
+    "tensor(uint16)": np.dtype(np.uint16),
+    "tensor(uint32)": np.dtype(np.uint32),
+    "tensor(uint64)": np.dtype(np.uint64),
+    "tensor(bool)": np.dtype(np.bool_),
 }
 # Models doing fewer multiply-accumulates per sample run with one intra-op thread: a second
 # thread cannot speed up runs this short, and a run waits for it when the scheduler hands
@@ -116,12 +126,14 @@ class ModelLoadError(RuntimeError):
 
 @dataclass
 class RunResult:
-    """The answer of one run: per-sample logits and probabilities, optional statistics."""
+    """The answer of one run: per-sample logits and probabilities, optional statistics, and
+    the model's other per-sample outputs (``LoadedModel.extra_outputs``) by name."""
 
     logits: np.ndarray  # (N, K) float32: the model's raw output
     probabilities: np.ndarray  # (N, K) float32
     layer_stats: list[LayerSummary] | None = None
     per_sample_active: Mapping[str, np.ndarray] | None = None  # layer -> (N, C) active rates
+    outputs: Mapping[str, np.ndarray] = field(default_factory=dict)  # name -> (N, ...)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -230,6 +242,31 @@ def _output_kind(graph: onnx.GraphProto, output: str) -> str:
             if node.op_type == "LogSoftmax":
                 return "log_probabilities"
     return "logits"
+
+
+def _extra_outputs(
+    graph: onnx.GraphProto,
+    output_name: str,
+    shapes: Mapping[str, list[int | str | None]],
+    batch: int | None,
+) -> tuple[str, ...]:
+    """The graph outputs beside ``output_name`` that have the batch axis first (a dynamic
+    first dimension, or the input's fixed batch size), so that a merged run can be split back
+    into its requests' rows: an embedding beside the logits, say. Others are not served.
+
+    The graph's declared shape decides; an output declared without one goes by ``shapes``,
+    inferred at batch 1, so there a first dimension of 1 is taken for the batch axis."""
+    extra = []
+    for out in graph.output:
+        if out.name == output_name:
+            continue
+        declared = out.type.tensor_type.HasField("shape")
+        dims: Sequence[int | str | None] = _dims(out) if declared else shapes.get(out.name) or []
+        first = dims[0] if dims else 0  # a scalar: not per sample
+        inferred_first = batch or 1  # the shapes inferred at batch 1
+        if (first is None or first == batch) if declared else (first == inferred_first):
+            extra.append(out.name)
+    return tuple(extra)
 
 
 def _read_onnx(path: Path) -> tuple[onnx.ModelProto, str]:
@@ -350,6 +387,7 @@ class ModelSignature:
     output_name: str
     output_kind: str  # "logits", "probabilities" or "log_probabilities"
     labels: list[str] | None
+    extra_outputs: tuple[str, ...] = ()  # the model's other per-sample outputs
 
 
 @dataclass
@@ -394,6 +432,8 @@ class LoadedModel:
         self.output_name = signature.output_name
         self.output_kind = signature.output_kind
         self.labels = signature.labels
+        self.extra_outputs = signature.extra_outputs
+        self._fetches = [self.output_name, *self.extra_outputs]
         self.layers = layers
         self.sessions = sessions
         self.plain_session = sessions.plain
@@ -467,6 +507,7 @@ class LoadedModel:
             output_name=output_name,
             output_kind=_output_kind(model.graph, output_name),
             labels=labels,
+            extra_outputs=_extra_outputs(model.graph, output_name, shapes, input_shape[0]),
         )
         return cls(
             name=name,
@@ -574,8 +615,9 @@ class LoadedModel:
         return self.split_outputs(self.run_batch(x, stats[0]), x, sizes, stats)
 
     def run_batch(self, x: np.ndarray, stats: str) -> list[np.ndarray]:
-        """The session run alone: the logits, then the statistics outputs when ``stats`` is
-        not "none" (the statistics session) and the model has activation layers."""
+        """The session run alone: the logits, the model's other outputs
+        (``extra_outputs``), then the statistics outputs when ``stats`` is not "none" (the
+        statistics session) and the model has activation layers."""
         if stats != "none" and self.stats_session is None:
             raise ModelInputError(f"model {self.name!r}: {self.stats_error}")
         n = x.shape[0]
@@ -583,10 +625,10 @@ class LoadedModel:
             x = np.concatenate([x, np.zeros((self.run_size - n, *x.shape[1:]), x.dtype)])
         feeds = {self.input_name: x}
         if stats == "none" or not self.layers:
-            values = self.plain_session.run([self.output_name], feeds)
+            values = self.plain_session.run(self._fetches, feeds)
         else:
             assert self.stats_session is not None  # checked on entry: stats != "none"
-            values = self.stats_session.run([self.output_name, *self._stat_fetches], feeds)
+            values = self.stats_session.run([*self._fetches, *self._stat_fetches], feeds)
         return values if x.shape[0] == n else [v[:n] for v in values]
 
     def split_outputs(
@@ -603,13 +645,18 @@ class LoadedModel:
         raw = values[0]
         probs = self._probabilities(raw)
         failed = self._non_finite_requests(raw, probs, parts)
+        extras = dict(zip(self.extra_outputs, values[1 : len(self._fetches)], strict=True))
+
+        def other(part: slice) -> dict[str, np.ndarray]:
+            return {name: value[part] for name, value in extras.items()}
+
         results: list[RunResult | NonFiniteOutputError]
         if stats[0] == "none":
-            results = [RunResult(raw[p], probs[p]) for p in parts]
-        elif len(values) == 1:  # no layers to observe
-            results = [RunResult(raw[p], probs[p], [], {}) for p in parts]
+            results = [RunResult(raw[p], probs[p], outputs=other(p)) for p in parts]
+        elif len(values) == len(self._fetches):  # no layers to observe
+            results = [RunResult(raw[p], probs[p], [], {}, other(p)) for p in parts]
         else:
-            outputs = dict(zip(self._stat_fetches, values[1:], strict=True))
+            outputs = dict(zip(self._stat_fetches, values[len(self._fetches) :], strict=True))
             summaries = summarize_requests(
                 self.layers,
                 self.layout,
@@ -623,7 +670,7 @@ class LoadedModel:
             )
             active = per_sample_active(self.layout, outputs)
             results = [
-                RunResult(raw[p], probs[p], summary, active.rows(p))
+                RunResult(raw[p], probs[p], summary, active.rows(p), other(p))
                 for p, summary in zip(parts, summaries, strict=True)
             ]
         for request, error in failed.items():
@@ -718,6 +765,23 @@ class LoadedModel:
         if self.labels is None:
             self.labels = [str(i) for i in range(result.logits.shape[1])]
 
+    def output_specs(self) -> list[dict]:
+        """The outputs a run returns, the classifier's first: name, numpy dtype name and
+        shape (-1 for a dynamic dimension)."""
+        by_name = {o.name: o for o in self.plain_session.get_outputs()}
+        specs = []
+        for name in self._fetches:
+            out = by_name[name]
+            dtype = _ORT_DTYPES.get(out.type) or _ORT_OUTPUT_DTYPES.get(out.type)
+            specs.append(
+                {
+                    "name": name,
+                    "dtype": dtype.name if dtype is not None else out.type,
+                    "shape": [d if isinstance(d, int) and d > 0 else -1 for d in out.shape],
+                }
+            )
+        return specs
+
     def info(self) -> dict:
         """What the metadata endpoints show about this model version."""
         return {
@@ -729,6 +793,7 @@ class LoadedModel:
                 "dtype": self.input_dtype.name,
             },
             "output": {"name": self.output_name, "kind": self.output_kind},
+            "outputs": self.output_specs(),
             "labels": self.labels,
             "preprocessing": self.preprocessing.model_dump() if self.preprocessing else None,
             "activation_layers": [

@@ -383,3 +383,29 @@ def dead_channel_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     its conv weights are zero and its bias -1."""
     model = make_onnx_cnn(name="dead", seed=3, dead_channels=(0,))
     return save_model(model, tmp_path_factory.mktemp("dead") / "dead" / "1" / "model.onnx")
+
+
+# Activation node names as torch's legacy exporter writes them: a leading '/', and a double
+# one as a nested module's empty name gives; v2 statistics outputs use them made clean.
+LEGACY_LAYER_NAMES = ("/relu/Relu", "/block//act/Relu")
+EMBEDDING = "embedding"
+
+
+@pytest.fixture(scope="session")
+def two_output_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``twohead/1/model.onnx``: a foreign model (no metadata) with two outputs, "logits"
+    (N, 10) and "embedding" (N, 8), the pooled features; its two ReLU nodes carry the legacy
+    exporter's names ``LEGACY_LAYER_NAMES``."""
+    model = make_onnx_cnn(name="twohead", seed=5, with_metadata=False)
+    acts = [node for node in model.graph.node if node.op_type == "Relu"]
+    for node, name in zip(acts, LEGACY_LAYER_NAMES, strict=True):
+        node.name = name
+    model.graph.node.append(
+        helper.make_node("Identity", ["/flatten/Flatten_output_0"], [EMBEDDING])
+    )
+    model.graph.output.append(
+        helper.make_tensor_value_info(EMBEDDING, onnx.TensorProto.FLOAT, ["N", 8])
+    )
+    onnx.checker.check_model(model, full_check=True)
+    root = tmp_path_factory.mktemp("twohead") / "models"
+    return save_model(model, root / "twohead" / "1" / "model.onnx")

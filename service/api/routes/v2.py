@@ -1,12 +1,12 @@
 """The Open Inference Protocol (KServe v2) REST API, with Triton's binary tensor extension.
 
-Statistics are extra named outputs (``stats/<layer>/<quantity>``): a request that names none
-of them runs the plain session and pays nothing for them. Errors are ``{"error": "..."}``.
+Every output of the model is served, beside ``probabilities`` and the statistics, extra named
+outputs (``stats/<layer>/<statistic>``, see ``service.api.v2_models``): a request that names
+none of them runs the plain session and pays nothing for them. Errors are ``{"error": "..."}``.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -28,10 +28,17 @@ from service.api.v2_codec import (
     encode_infer_response,
     tensor_metadata,
 )
+from service.api.v2_models import (
+    CHANNEL_ACTIVITY,
+    PROBABILITIES,
+    OutputSpec,
+    default_outputs,
+    model_configuration,
+    output_catalogue,
+)
 from service.core.dataplane import DataPlane
 from service.core.errors import BadRequestError
-from service.metadata import SATURATING_KINDS
-from service.runtime.loaded_model import LoadedModel, RunResult
+from service.runtime.loaded_model import RunResult
 
 router = APIRouter(
     prefix="/v2",
@@ -48,11 +55,10 @@ EMPTY_BOOLEAN: dict[int | str, dict[str, Any]] = {
 }
 Plane = Annotated[DataPlane, Depends(get_plane)]
 SERVER_NAME = "relu-serve"
-PROBABILITIES = "probabilities"
 # Our own extension: per-layer activation statistics as extra named outputs.
 STATS_EXTENSION = "activation_statistics"
-# Summary quantities per layer: scalar outputs of shape [1] (dead_units is INT32).
-SUMMARY_QUANTITIES = ("inactive_fraction", "dead_units", "mean", "std", "min", "max")
+# Triton's model configuration extension: GET .../config.
+CONFIG_EXTENSION = "model_configuration"
 # Infer takes no parameters FastAPI validates: its 422 is the model's output alone.
 INFER_422 = {422: "The model's output for a sample is not finite: its input overflows"}
 
@@ -86,7 +92,7 @@ async def server_metadata() -> OrjsonResponse:
         {
             "name": SERVER_NAME,
             "version": _server_version(),
-            "extensions": [*EXTENSIONS, STATS_EXTENSION],
+            "extensions": [*EXTENSIONS, CONFIG_EXTENSION, STATS_EXTENSION],
         }
     )
 
@@ -112,7 +118,8 @@ async def model_ready(plane: Plane, name: str, version: str | None = None) -> Re
 @router.get("/models/{name}", summary="Model metadata (latest version)")
 @router.get("/models/{name}/versions/{version}", summary="Model metadata")
 async def model_metadata(plane: Plane, name: str, version: str | None = None) -> OrjsonResponse:
-    """Inputs and outputs with datatypes and shapes (-1: variable), statistics outputs too."""
+    """Inputs and outputs with datatypes and shapes (-1: variable): every output of the
+    model, ``probabilities`` and the statistics outputs."""
     model = plane.get_model(name, version)
     info = model.info()
     versions: list[str] = next(
@@ -120,8 +127,8 @@ async def model_metadata(plane: Plane, name: str, version: str | None = None) ->
     )
     inputs = [tensor_metadata(info["input"]["name"], "FP32", list(info["input"]["shape"]))]
     outputs = [
-        tensor_metadata(out_name, datatype, shape)
-        for out_name, (datatype, shape) in output_catalogue(model).items()
+        tensor_metadata(out_name, spec.datatype, spec.shape)
+        for out_name, spec in output_catalogue(model).items()
     ]
     return OrjsonResponse(
         {
@@ -134,42 +141,14 @@ async def model_metadata(plane: Plane, name: str, version: str | None = None) ->
     )
 
 
-def _layers(model: LoadedModel) -> list[dict[str, Any]]:
-    """The model's activation layers as dicts (name, kind, channels)."""
-    return list(model.info()["activation_layers"])
-
-
-# Per model version, built once: ``model.info()`` builds a fresh dict on every call.
-_CATALOGUES: weakref.WeakKeyDictionary[LoadedModel, dict[str, tuple[str, list[int]]]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def output_catalogue(model: LoadedModel) -> dict[str, tuple[str, list[int]]]:
-    """Every output a client may ask for: name -> (datatype, shape), batch axis -1."""
-    catalogue = _CATALOGUES.get(model)
-    if catalogue is None:
-        catalogue = _CATALOGUES[model] = _build_catalogue(model)
-    return catalogue
-
-
-def _build_catalogue(model: LoadedModel) -> dict[str, tuple[str, list[int]]]:
-    info = model.info()
-    num_classes = len(info["labels"]) if info.get("labels") else -1
-    catalogue: dict[str, tuple[str, list[int]]] = {
-        info["output"]["name"]: ("FP32", [-1, num_classes]),
-        PROBABILITIES: ("FP32", [-1, num_classes]),
-    }
-    layers = _layers(model) if info.get("statistics", True) else []  # no stats session
-    for layer in layers:
-        prefix = f"stats/{layer['name']}"
-        catalogue[f"{prefix}/active_rate"] = ("FP32", [-1, int(layer["channels"])])
-        for quantity in SUMMARY_QUANTITIES:
-            datatype = "INT32" if quantity == "dead_units" else "FP32"
-            catalogue[f"{prefix}/{quantity}"] = (datatype, [1])
-        if layer["kind"] in SATURATING_KINDS or layer["kind"] in ("Sigmoid", "Tanh"):
-            catalogue[f"{prefix}/saturated_fraction"] = ("FP32", [1])
-    return catalogue
+@router.get("/models/{name}/config", summary="Model configuration (latest version)")
+@router.get("/models/{name}/versions/{version}/config", summary="Model configuration")
+async def model_config(plane: Plane, name: str, version: str | None = None) -> OrjsonResponse:
+    """Triton's model configuration (the JSON of model_config.proto's ``ModelConfig``):
+    platform, batching, inputs and outputs with ``dims`` (no batch axis when
+    ``max_batch_size`` > 0), instance group, and the statistics outputs in ``parameters``."""
+    model = plane.get_model(name, version)
+    return OrjsonResponse(model_configuration(model, plane.settings))
 
 
 @router.post(
@@ -209,7 +188,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         )
     catalogue = output_catalogue(model)
     output_name = model.output_name
-    requested = decoded.outputs or [V2Output(output_name), V2Output(PROBABILITIES)]
+    requested = decoded.outputs or [V2Output(n) for n in default_outputs(model)]
     for output in requested:
         if output.name not in catalogue and output.name != "logits":
             raise BadRequestError(
@@ -217,11 +196,12 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
                 f"{', '.join(catalogue)}"
             )
     names = [o.name for o in requested]
+    asked = [catalogue[n].statistic for n in names if n in catalogue]
     stats = "none"
-    if any(n.startswith("stats/") for n in names):
-        stats = "channels" if any(n.endswith("/active_rate") for n in names) else "summary"
+    if any(asked):
+        stats = "channels" if CHANNEL_ACTIVITY in asked else "summary"
     result = await plane.infer(model, decoded.inputs[0].array, stats)
-    arrays = build_outputs(result, names, output_name)
+    arrays = build_outputs(result, names, output_name, catalogue)
     body, headers = encode_infer_response(
         model_name=model.name,
         model_version=str(model.version),
@@ -234,25 +214,32 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     return Response(body, headers=headers)
 
 
-def build_outputs(result: RunResult, names: list[str], output_name: str) -> dict[str, np.ndarray]:
+def build_outputs(
+    result: RunResult, names: list[str], output_name: str, catalogue: Mapping[str, OutputSpec]
+) -> dict[str, np.ndarray]:
     """The arrays of the requested outputs from one run's result."""
     by_layer: dict[str, Mapping[str, Any]] = {
         layer["name"]: layer for layer in (result.layer_stats or [])
     }
     arrays: dict[str, np.ndarray] = {}
     for name in names:
-        if name in (output_name, "logits"):
-            arrays[name] = np.asarray(result.logits, dtype=np.float32)
+        if name == output_name:
+            arrays[name] = np.asarray(result.logits)
+        elif name in result.outputs:  # another output of the model
+            arrays[name] = np.asarray(result.outputs[name])
+        elif name == "logits":  # the classifier's output under its usual name
+            arrays[name] = np.asarray(result.logits)
         elif name == PROBABILITIES:
             arrays[name] = np.asarray(result.probabilities, dtype=np.float32)
         else:
-            layer_name, _, quantity = name[len("stats/") :].rpartition("/")
-            if quantity == "active_rate":
-                per_sample = (result.per_sample_active or {})[layer_name]
+            spec = catalogue[name]
+            layer = str(spec.layer)
+            if spec.statistic == CHANNEL_ACTIVITY:
+                per_sample = (result.per_sample_active or {})[layer]
                 arrays[name] = np.asarray(per_sample, dtype=np.float32)
-            elif quantity == "dead_units":
-                arrays[name] = np.asarray([by_layer[layer_name]["dead_units"]], dtype=np.int32)
+            elif spec.statistic == "dead_units":
+                arrays[name] = np.asarray([by_layer[layer]["dead_units"]], dtype=np.int32)
             else:
-                value = by_layer[layer_name][quantity]
+                value = by_layer[layer][str(spec.statistic)]
                 arrays[name] = np.asarray([np.nan if value is None else value], dtype=np.float32)
     return arrays

@@ -129,7 +129,7 @@
   }
 
   /**
-   * One bar per channel, in channel order, its height the channel's active rate; dead
+   * One bar per channel, in channel order, its height the channel's activity; dead
    * channels get a red mark under the baseline. Each bar has a tooltip; the whole strip has
    * a text summary for screen readers.
    */
@@ -140,7 +140,7 @@
     const step = width / Math.max(1, activity.length);
     const s = spread(activity);
     const summary =
-      `${activity.length} channels, active rate min ${percent(s.min, 0)}, ` +
+      `${activity.length} channels, activity min ${percent(s.min, 0)}, ` +
       `median ${percent(s.median, 0)}, max ${percent(s.max, 0)}; ` +
       (dead.size ? `${dead.size} dead: ${channelList([...dead])}` : "no dead channels");
     const chart = svg("svg", {
@@ -339,7 +339,7 @@
         ),
       ),
     );
-    // Per layer: the numbers, and a strip of per-channel active rates.
+    // Per layer: the numbers, and a strip of channel activity.
     cards.replaceChildren(...stats.layers.map(layerCard));
   }
 

@@ -155,6 +155,13 @@ V1_CASES: list[tuple[str, Request, int, str, tuple[str, ...]]] = [
         ("256 bytes", "[1, 1, 8, 9]"),
     ),
     (
+        "tensor-as-nested-lists",  # issue 16: the message shows where the lists go
+        lambda c: c.post(PREDICT, json={"tensor": [[[[0.0] * 8] * 8]]}),
+        400,
+        "bad_request",
+        ('"data": [[...]]', '{"tensor": {"shape": [...]'),
+    ),
+    (
         "ragged-nested-lists",
         lambda c: c.post(PREDICT, json={"tensor": {"data": [[1.0, 2.0], [3.0]]}}),
         400,

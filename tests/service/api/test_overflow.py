@@ -65,7 +65,7 @@ def send_v2(client: httpx.Client, x: np.ndarray) -> tuple[httpx.Response, np.nda
     """/v2 JSON infer of ``x`` asking for probabilities and statistics outputs."""
     outputs = [{"name": "probabilities"}]
     outputs += [{"name": f"stats/{layer}/inactive_fraction"} for layer in TINY_LAYERS]
-    outputs += [{"name": f"stats/{layer}/active_rate"} for layer in TINY_LAYERS]
+    outputs += [{"name": f"stats/{layer}/channel_activity"} for layer in TINY_LAYERS]
     request = {
         "inputs": [
             {

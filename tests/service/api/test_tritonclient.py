@@ -15,12 +15,14 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import onnxruntime as ort
+import orjson
 import pytest
 import tritonclient.http as tritonclient_http
 from tritonclient.utils import InferenceServerException
 
 from tests.server_helpers import uvicorn_server
-from tests.service.conftest import reference_inputs
+from tests.service.conftest import EMBEDDING, reference_inputs
 from tests.service.http_helpers import TINY_LAYERS, image_bytes
 
 pytestmark = pytest.mark.network
@@ -50,6 +52,14 @@ def triton(server: str) -> Iterator[object]:
     client.close()
 
 
+@pytest.fixture(scope="module")
+def twohead_server(two_output_model_path: Path) -> Iterator[str]:
+    """``host:port`` of a server for the two-output model with legacy layer names."""
+    env = {"RELU_SERVE_BATCH_MAX_SIZE": "16", "RELU_SERVE_BATCH_MAX_DELAY_MS": "2"}
+    with uvicorn_server(two_output_model_path.parents[2], env=env) as (url, _process):
+        yield url.removeprefix("http://")
+
+
 def v1_channel_stats(server: str, x: np.ndarray) -> dict[str, dict]:
     response = httpx.post(
         f"http://{server}/v1/models/tiny/predict",
@@ -72,7 +82,7 @@ def test_server_health_and_metadata(triton) -> None:
     model = triton.get_model_metadata("tiny", "1")
     assert model["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
     names = [o["name"] for o in model["outputs"]]
-    assert {"logits", "probabilities", "stats/features.0.act/active_rate"} <= set(names)
+    assert {"logits", "probabilities", "stats/features.0.act/channel_activity"} <= set(names)
 
 
 @pytest.mark.parametrize("binary", [False, True])
@@ -119,7 +129,7 @@ def test_statistics_outputs_match_v1(triton, server: str) -> None:
     tensor.set_data_from_numpy(x)
     outputs = []
     for layer in TINY_LAYERS:
-        outputs.append(tritonclient_http.InferRequestedOutput(f"stats/{layer}/active_rate"))
+        outputs.append(tritonclient_http.InferRequestedOutput(f"stats/{layer}/channel_activity"))
         outputs.append(
             tritonclient_http.InferRequestedOutput(
                 f"stats/{layer}/inactive_fraction", binary_data=False
@@ -129,7 +139,7 @@ def test_statistics_outputs_match_v1(triton, server: str) -> None:
     result = triton.infer("tiny", [tensor], outputs=outputs)
     v1 = v1_channel_stats(server, x)
     for layer in TINY_LAYERS:
-        active = result.as_numpy(f"stats/{layer}/active_rate")
+        active = result.as_numpy(f"stats/{layer}/channel_activity")
         assert active.shape == (4, v1[layer]["channels"])
         assert np.allclose(active.mean(axis=0), v1[layer]["channel_activity"], atol=1e-6)
         inactive = result.as_numpy(f"stats/{layer}/inactive_fraction")
@@ -174,3 +184,74 @@ def test_metrics_over_the_socket(server: str) -> None:
         r'relu_serve_model_info\{model="tiny",provider="CPUExecutionProvider",[^}]*version="2"\} 1'
     )
     assert re.search(info, response.text)
+
+
+def test_model_config_as_triton_answers_it(triton) -> None:
+    """Issue 16: ``get_model_config`` was a 404."""
+    config = triton.get_model_config("tiny")
+    assert config == triton.get_model_config("tiny", "2")
+    assert config["name"] == "tiny"
+    assert (config["platform"], config["backend"]) == ("onnxruntime_onnx", "onnxruntime")
+    assert config["max_batch_size"] == 64  # MAX_BATCH_SIZE: the batch axis is dynamic
+    assert config["input"] == [
+        {"name": "input", "data_type": "TYPE_FP32", "format": "FORMAT_NONE", "dims": [1, 8, 8]}
+    ]
+    assert config["output"] == [
+        {"name": "logits", "data_type": "TYPE_FP32", "dims": [10]},
+        {"name": "probabilities", "data_type": "TYPE_FP32", "dims": [10]},
+    ]
+    assert config["dynamic_batching"] == {
+        "preferred_batch_size": [64],
+        "max_queue_delay_microseconds": 0,
+    }
+    assert config["instance_group"] == [{"name": "tiny", "kind": "KIND_CPU", "count": 1}]
+    statistics = orjson.loads(config["parameters"]["activation_statistics"]["string_value"])
+    assert statistics[f"stats/{TINY_LAYERS[0]}/channel_activity"] == {
+        "layer": TINY_LAYERS[0],
+        "statistic": "channel_activity",
+        "datatype": "FP32",
+        "shape": [-1, 4],
+    }
+    assert "model_configuration" in triton.get_server_metadata()["extensions"]
+    with pytest.raises(InferenceServerException, match="nope"):
+        triton.get_model_config("nope")
+
+
+def test_two_outputs_and_clean_statistics_names(
+    twohead_server: str, two_output_model_path: Path
+) -> None:
+    """Issue 16: a second model output is served, all outputs by default, and statistics
+    of legacy-named layers have clean names."""
+    client = tritonclient_http.InferenceServerClient(url=twohead_server)
+    try:
+        config = client.get_model_config("twohead")
+        assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 2000
+        assert [(o["name"], o["dims"]) for o in config["output"]] == [
+            ("logits", [10]),
+            (EMBEDDING, [8]),
+            ("probabilities", [10]),
+        ]
+        names = [o["name"] for o in client.get_model_metadata("twohead")["outputs"]]
+        assert "stats/relu/Relu/channel_activity" in names
+        assert not any("//" in n for n in names)
+        x = reference_inputs(3, seed=13)
+        tensor = tritonclient_http.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        result = client.infer("twohead", [tensor])  # no outputs named: all of the model's
+        session = ort.InferenceSession(
+            str(two_output_model_path), providers=["CPUExecutionProvider"]
+        )
+        logits, embedding = session.run(["logits", EMBEDDING], {"input": x})
+        assert np.allclose(result.as_numpy("logits"), logits, atol=1e-5)
+        assert np.allclose(result.as_numpy(EMBEDDING), embedding, atol=1e-5)
+        assert result.as_numpy("probabilities").shape == (3, 10)
+        outputs = [
+            tritonclient_http.InferRequestedOutput(EMBEDDING, binary_data=False),
+            tritonclient_http.InferRequestedOutput("stats/block/act/Relu/inactive_fraction"),
+        ]
+        named = client.infer("twohead", [tensor], outputs=outputs)
+        assert np.allclose(named.as_numpy(EMBEDDING), embedding, atol=1e-5)
+        assert named.as_numpy("logits") is None
+        assert 0.0 <= float(named.as_numpy("stats/block/act/Relu/inactive_fraction")[0]) <= 1.0
+    finally:
+        client.close()

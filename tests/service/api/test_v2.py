@@ -81,8 +81,8 @@ def test_model_metadata_lists_inputs_outputs_and_statistics(client: TestClient) 
     outputs = {o["name"]: o for o in body["outputs"]}
     assert outputs["logits"] == {"name": "logits", "datatype": "FP32", "shape": [-1, 10]}
     assert outputs["probabilities"]["shape"] == [-1, 10]
-    assert outputs["stats/features.0.act/active_rate"]["shape"] == [-1, 4]
-    assert outputs["stats/features.1.act/active_rate"]["shape"] == [-1, 8]
+    assert outputs["stats/features.0.act/channel_activity"]["shape"] == [-1, 4]
+    assert outputs["stats/features.1.act/channel_activity"]["shape"] == [-1, 8]
     assert outputs["stats/features.0.act/inactive_fraction"]["shape"] == [1]
     assert outputs["stats/features.0.act/dead_units"]["datatype"] == "INT32"
     assert "stats/features.0.act/saturated_fraction" not in outputs  # ReLU does not saturate
@@ -200,7 +200,7 @@ def test_statistics_outputs_agree_with_v1_and_the_oracle(
     x = reference_inputs(5, seed=11)
     outputs = []
     for layer in TINY_LAYERS:
-        for quantity in ("active_rate", "inactive_fraction", "dead_units", "mean", "max"):
+        for quantity in ("channel_activity", "inactive_fraction", "dead_units", "mean", "max"):
             outputs.append({"name": f"stats/{layer}/{quantity}"})
     response = client.post(INFER, json={"inputs": [json_input(x)], "outputs": outputs})
     assert response.status_code == 200, response.text
@@ -214,7 +214,7 @@ def test_statistics_outputs_agree_with_v1_and_the_oracle(
     expected = oracle(tiny_cnn_path, x)["layers"]
     for v1_layer in v1:
         name = v1_layer["name"]
-        active = arrays[f"stats/{name}/active_rate"]
+        active = arrays[f"stats/{name}/channel_activity"]
         assert active.shape == (5, v1_layer["channels"])
         assert np.allclose(active, expected[name]["per_sample_active"], atol=1e-6)
         assert np.allclose(active.mean(axis=0), v1_layer["channel_activity"], atol=1e-6)
@@ -240,14 +240,14 @@ def test_dead_units_output_on_a_dead_channel_model(
                 "inputs": [json_input(x)],
                 "outputs": [
                     {"name": "stats/features.0.act/dead_units"},
-                    {"name": "stats/features.0.act/active_rate"},
+                    {"name": "stats/features.0.act/channel_activity"},
                 ],
             },
         )
     assert response.status_code == 200, response.text
     _, arrays = split_binary(response)
     assert arrays["stats/features.0.act/dead_units"].tolist() == [1]
-    assert np.all(arrays["stats/features.0.act/active_rate"][:, 0] == 0)
+    assert np.all(arrays["stats/features.0.act/channel_activity"][:, 0] == 0)
 
 
 # ---------------------------------------------------------------- codec unit tests
