@@ -75,7 +75,7 @@ STATS_PREFIX = "stats/"
 STATS_OUTPUT = "stats/packed"  # the one extra graph output: (N, StatsLayout.width)
 # Statistics each layer exposes as (N, C) graph outputs; "saturated" only for sigmoid/tanh,
 # "min" only where the kind does not make it structural (see needs_min_output).
-STAT_NAMES = ("active", "max", "mean", "meansq", "min", "saturated")
+STAT_NAMES = ("active", "max", "mean", "dmean", "dmeansq", "min", "saturated")
 
 # 2**127: the largest power of two a float32 holds; see the module docstring.
 _ACTIVE_SCALE = float(2.0**127)
@@ -85,7 +85,7 @@ _TANH_SATURATION = 0.01  # 1% of tanh's peak derivative 1 - y^2 = 1
 
 def layer_stat_names(layer: ActivationNode) -> list[str]:
     """The statistics the instrumented graph computes for ``layer``, in packed order."""
-    stats = ["active", "max", "mean", "meansq"]
+    stats = ["active", "max", "mean", "dmean", "dmeansq"]
     if layer.needs_min_output:
         stats.append("min")
     if layer.saturating:
@@ -184,29 +184,42 @@ class _GraphBuilder:
 
 
 def _add_layer_stats(b: _GraphBuilder, layer: ActivationNode) -> dict[str, str]:
-    """Add the statistic nodes of one layer; returns stat -> (N, C, 1, 1) tensor."""
+    """Add the statistic nodes of one layer; returns stat -> (N, C, 1) tensor."""
     y = layer.tensor
     pre = f"{STATS_PREFIX}{layer.name}/"
     if layer.rank >= 3:
-        indicator = b.node("HardSigmoid", [y], pre + "indicator", alpha=_ACTIVE_SCALE, beta=0.0)
+        # One view (N, C, positions) of Y: onnxruntime reorders a blocked (NCHWc) Y back to
+        # NCHW once for it, after which every statistic below reads plain memory; without
+        # it each non-layout-aware consumer (the centring Sub, ReduceMin) got its own
+        # reorder, 4-5 full copies per layer (issue 16; see the module docstring).
+        y3 = b.node("Reshape", [y, b.const([0, layer.channels, -1])], pre + "view")
+        indicator = b.node("HardSigmoid", [y3], pre + "indicator", alpha=_ACTIVE_SCALE, beta=0.0)
+        mean = b.node("GlobalAveragePool", [y3], pre + "mean")  # (N, C, 1) float32
+        # Deviations from each (sample, channel)'s own float32 mean: their mean (the mean's
+        # rounding error) and mean square (the group's variance, without the cancellation
+        # of E[y^2] - E[y]^2); combined in float64 by summaries._moments.
+        dev = b.node("Sub", [y3, mean], pre + "dev")
         pooled = {
             "active": b.node("GlobalAveragePool", [indicator], pre + "active"),
-            "max": b.node("GlobalMaxPool", [y], pre + "max"),
-            "mean": b.node("GlobalAveragePool", [y], pre + "mean"),
-            "meansq": b.node(
-                "GlobalAveragePool", [b.node("Mul", [y, y], pre + "sq")], pre + "meansq"
+            "max": b.node("GlobalMaxPool", [y3], pre + "max"),
+            "mean": mean,
+            "dmean": b.node("GlobalAveragePool", [dev], pre + "dmean"),
+            "dmeansq": b.node(
+                "GlobalAveragePool", [b.node("Mul", [dev, dev], pre + "dsq")], pre + "dmeansq"
             ),
         }
         if layer.needs_min_output:
-            neg_max = b.node("GlobalMaxPool", [b.node("Neg", [y], pre + "neg")], pre + "negmax")
+            neg_max = b.node("GlobalMaxPool", [b.node("Neg", [y3], pre + "neg")], pre + "negmax")
             pooled["min"] = b.node("Neg", [neg_max], pre + "min")
+        y = y3
     else:
         positive = b.node("Greater", [y, b.const(0.0)], pre + "positive")
         pooled = {
             "active": b.node("Cast", [positive], pre + "active", to=TensorProto.FLOAT),
             "max": y,
             "mean": y,
-            "meansq": b.node("Mul", [y, y], pre + "meansq"),
+            "dmean": b.node("Sub", [y, y], pre + "dmean"),  # one value per group: no spread
+            "dmeansq": b.node("Sub", [y, y], pre + "dmeansq"),
         }
         if layer.needs_min_output:
             pooled["min"] = y
@@ -225,9 +238,9 @@ def _add_layer_stats(b: _GraphBuilder, layer: ActivationNode) -> dict[str, str]:
         pooled["saturated"] = (
             b.node("GlobalAveragePool", [flags], pre + "saturated") if layer.rank >= 3 else flags
         )
-    if layer.rank != 4:
-        # (N, C), (N, C, 1) or (N, C, 1, 1, 1) -> (N, C, 1, 1), so all layers concatenate.
-        shape = b.const([0, layer.channels, 1, 1])
+    if layer.rank == 2:
+        # (N, C) -> (N, C, 1), as the pooled statistics of the (N, C, positions) views.
+        shape = b.const([0, layer.channels, 1])
         pooled = {
             stat: b.node("Reshape", [t, shape], f"{pre}{stat}_4d") for stat, t in pooled.items()
         }

@@ -102,10 +102,8 @@ def summarize_requests(
     Aggregated in float64, with one numpy call per quantity for the whole batch (a batch of
     32 one-sample ResNet-20 requests: ~100 us per request one request at a time, ~20 now).
     Every (sample, channel) pools the same number of positions within a layer, so plain
-    means over (N, C) are means over all elements. The variance is E[y^2] - E[y]^2 from
-    float32 per-group moments: its absolute error is about 3e-7 * E[y^2] (float32 pooling),
-    a relative std error of ~1.5e-7 * (1 + mean^2 / var), below 1e-5 unless the layer is
-    nearly constant. The minimum of relu/relu6 layers is 0 when any element is inactive
+    means over (N, C) are means over all elements. Mean and variance: see ``_moments``.
+    The minimum of relu/relu6 layers is 0 when any element is inactive
     (exact); for the rare request in which such a layer has no inactive element at all,
     ``measure_min(i, layers)`` gives those layers' minima (None or missing: unknown).
     """
@@ -118,10 +116,8 @@ def summarize_requests(
     col_active = col_mean[:, index["active"]]  # (R, sum C) per channel active share
     dead_mask = col_max[:, index["max"]] <= 0  # exact: no y > 0 anywhere in the request
     inactive = (1.0 - np.add.reduceat(col_active, starts, axis=1) / widths).tolist()
-    means = np.add.reduceat(col_mean[:, index["mean"]], starts, axis=1) / widths
-    meansqs = np.add.reduceat(col_mean[:, index["meansq"]], starts, axis=1) / widths
-    with np.errstate(invalid="ignore", over="ignore"):
-        variances = meansqs - means * means
+    means, variances = _moments(packed, layout, sizes)
+    with np.errstate(invalid="ignore"):
         stds = np.sqrt(np.maximum(variances, 0.0))
     stds_list = np.where(np.isfinite(variances), stds, np.nan).tolist()
     maxima = np.maximum.reduceat(col_max[:, index["max"]], starts, axis=1).tolist()
@@ -200,6 +196,44 @@ def _per_request(packed: np.ndarray, sizes: Sequence[int]) -> tuple[np.ndarray, 
         np.stack([p.max(axis=0) for p in parts]),
         np.stack([p.min(axis=0) for p in parts]),
     )
+
+
+def _moments(
+    packed: np.ndarray, layout: StatsLayout, sizes: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per request and layer (R, layers): the mean and the variance, in float64.
+
+    The graph gives, per sample and channel (a group g of P positions), its float32 mean m_g
+    and the mean d_g and mean square q_g of the deviations y - m_g (``instrument``). Then the
+    group's mean is m_g + d_g (d_g is m_g's rounding error) and its variance q_g - d_g^2;
+    the layer's variance over a request's groups is the mean of the group variances plus the
+    variance of the group means (Chan, Golub and LeVeque's pairwise combination, here with
+    the request's layer mean subtracted before squaring: two-pass, float64). Nothing is
+    computed as E[y^2] - E[y]^2 in float32, whose cancellation made near-constant layers'
+    std wrong by 100x (issue 16): the error now scales with the std, not with the mean.
+    An infinite deviation square (|y - m| > 1.8e19 overflowed float32) gives NaN.
+    """
+    index, starts, widths = layout.index, layout.starts["active"], layout.sizes["active"]
+    dmean = packed[:, index["dmean"]].astype(np.float64)  # (N, sum C)
+    group_means = packed[:, index["mean"]] + dmean
+    with np.errstate(invalid="ignore", over="ignore"):
+        within = packed[:, index["dmeansq"]] - dmean * dmean
+    if len(sizes) == packed.shape[0]:
+        owner = np.arange(len(sizes))
+        req_means, req_within = group_means, within
+    else:
+        owner = np.repeat(np.arange(len(sizes)), sizes)  # row -> request
+        parts = request_rows(sizes)
+        req_means = np.stack([group_means[p].mean(axis=0) for p in parts])  # (R, sum C)
+        req_within = np.stack([within[p].mean(axis=0) for p in parts])
+    means = np.add.reduceat(req_means, starts, axis=1) / widths  # (R, layers)
+    spread = group_means - np.repeat(means, widths, axis=1)[owner]  # (N, sum C)
+    spread *= spread
+    if len(sizes) != packed.shape[0]:
+        spread = np.stack([spread[p].mean(axis=0) for p in request_rows(sizes)])
+    with np.errstate(invalid="ignore"):
+        variances = (np.add.reduceat(req_within + spread, starts, axis=1)) / widths
+    return means, variances
 
 
 def _dead_channels(dead: np.ndarray, starts: np.ndarray) -> dict[int, dict[int, list[int]]]:

@@ -229,11 +229,12 @@ def test_original_outputs_stay_first_and_unchanged(tiny_cnn_path: Path) -> None:
     assert names[0] == "logits"
     layout = StatsLayout.of(layers)
     assert names[1:] == layout.outputs == ["stats/packed"]
-    # Layer-major blocks: [active, max, mean, meansq] of layer 0 (4 channels), then layer 1.
+    # Layer-major blocks: [active, max, mean, dmean, dmeansq] of layer 0 (4 channels), then
+    # layer 1.
     assert layout.blocks[(layers[0].name, "active")] == slice(0, 4)
-    assert layout.blocks[(layers[0].name, "meansq")] == slice(12, 16)
-    assert layout.blocks[(layers[1].name, "active")] == slice(16, 24)
-    assert layout.width == 4 * 4 + 4 * 8
+    assert layout.blocks[(layers[0].name, "dmeansq")] == slice(16, 20)
+    assert layout.blocks[(layers[1].name, "active")] == slice(20, 28)
+    assert layout.width == 5 * 4 + 5 * 8
     assert layout.columns["active"] == {layers[0].name: slice(0, 4), layers[1].name: slice(4, 12)}
     assert len(model.graph.node) < len(instrumented.graph.node)  # the input is not modified
     onnx.checker.check_model(instrumented, full_check=True)
@@ -241,16 +242,17 @@ def test_original_outputs_stay_first_and_unchanged(tiny_cnn_path: Path) -> None:
     plain = run_with_activations(model, x, [])["logits"]
     outputs = run_instrumented(model, layers, x)
     np.testing.assert_allclose(outputs["logits"], plain, rtol=0, atol=1e-6)
-    assert outputs["stats/packed"].shape == (3, 48)
+    assert outputs["stats/packed"].shape == (3, 60)
 
 
 def test_relu_layers_have_no_min_output_and_saturating_ones_have_saturation() -> None:
     def layer(kind: str) -> ActivationNode:
         return ActivationNode("l", kind, ACTIVATION_KINDS[kind], "t", 4, 4)
 
-    assert layer_stat_names(layer("relu")) == ["active", "max", "mean", "meansq"]
-    assert layer_stat_names(layer("relu6")) == ["active", "max", "mean", "meansq"]
-    assert layer_stat_names(layer("elu")) == ["active", "max", "mean", "meansq", "min"]
+    moments = ["active", "max", "mean", "dmean", "dmeansq"]
+    assert layer_stat_names(layer("relu")) == moments
+    assert layer_stat_names(layer("relu6")) == moments
+    assert layer_stat_names(layer("elu")) == [*moments, "min"]
     assert layer_stat_names(layer("tanh"))[-1] == "saturated"
 
 
@@ -335,10 +337,11 @@ def test_declared_layers_must_exist_in_the_graph(tiny_cnn_path: Path) -> None:
         find_activation_nodes(model, [bogus])
 
 
-def test_statistics_stay_in_the_blocked_layout(tmp_path: Path) -> None:
-    """The point of the formulation: for ReLU layers with 16k channels, onnxruntime's NCHWc
-    transform must not copy any full activation back to NCHW (every ReorderOutput in the
-    optimized graph reorders a pooled (N, C, 1, 1) result or their Concat)."""
+def test_statistics_reorder_each_activation_at_most_once(tmp_path: Path) -> None:
+    """onnxruntime's NCHWc transform copies a blocked activation back to NCHW for each
+    consumer that is not layout-aware; the statistics read one (N, C, positions) view of it,
+    so each layer costs at most one full-size ReorderOutput (the rest reorder pooled
+    (N, C, 1) results or their Concat)."""
     model = make_onnx_cnn(activations=("relu", "relu"), channels=(16, 32), with_metadata=False)
     layers = find_activation_nodes(model)
     options = ort.SessionOptions()
@@ -355,8 +358,11 @@ def test_statistics_stay_in_the_blocked_layout(tmp_path: Path) -> None:
     reorders = [n for n in optimized.graph.node if n.op_type == "ReorderOutput"]
     if not any(n.domain.endswith("nchwc") for n in optimized.graph.node):
         pytest.skip("no NCHWc transform on this CPU")
-    for node in reorders:
-        assert producers[node.input[0]].op_type in ("GlobalAveragePool", "GlobalMaxPool", "Concat")
+    full = [
+        n for n in reorders
+        if producers[n.input[0]].op_type not in ("GlobalAveragePool", "GlobalMaxPool", "Concat")
+    ]  # fmt: skip
+    assert len(full) <= len(layers)
 
 
 def test_declared_channel_count_must_match_the_graph(tiny_cnn_path: Path) -> None:
