@@ -6,57 +6,43 @@ per channel values, packed into the one extra graph output ``stats/packed`` of s
 (N, sum of C) with the columns ``StatsLayout`` gives; ``service.runtime.summaries`` aggregates
 those small arrays per request in numpy. Nothing here imports torch.
 
-Why these formulations (measured with onnxruntime 1.32 on this 2-core AVX-512 machine, see
-``bench/bench_stats_overhead.py``): onnxruntime's NCHWc transformer keeps convolution outputs
-in a blocked layout; a consumer that is not layout-aware gets a ``ReorderOutput`` (a full copy
-of Y) inserted before it. Layout-aware in 1.32, read from the optimized graph
-(``SessionOptions.optimized_model_filepath``): GlobalAveragePool, GlobalMaxPool, HardSigmoid,
-Relu/Sigmoid/Tanh, and Add/Mul of two same-shape blocked tensors (so ``Mul(Y, Y)``). Not
-layout-aware: Clip, Neg, Sign, Ceil, Less, and Mul by a constant. Hence:
+Formulations, per layer, on one view Y3 = Reshape(Y, (N, C, positions)):
 
-- active rate   = GlobalAveragePool(HardSigmoid(Y, alpha=2**127, beta=0)). HardSigmoid is
-  max(0, min(1, alpha*y + beta)): 0 for y <= 0, exactly 1 for every y >= 2**-127 (the
-  product is >= 1, or +inf, before the clamp), so the test y > 0 is exact for all normal
-  float32 values (>= 2**-126 ~ 1.2e-38) and half of the subnormal range. The 1e30 factor of
-  ``Clip(Mul(y, 1e30), 0, 1)`` is not enough (1e-35 * 1e30 = 1e-5), and Clip and Mul by a
-  constant are not layout-aware here.
-- max           = GlobalMaxPool(Y); dead channels are taken from it (max <= 0 over the batch),
-  which is exact for every float, subnormals included.
-- mean          = GlobalAveragePool(Y); mean of squares = GlobalAveragePool(Mul(Y, Y)).
-- min           = -GlobalMaxPool(Neg(Y)), except for relu and relu6 where Y >= 0: there the
-  minimum is exactly 0 as soon as one element is inactive, which the active rates show, so
-  no graph output is spent on it (``needs_min_output``). The caller handles the rare batch
-  in which a ReLU layer has no zero at all (``LoadedModel`` fetches that layer's raw output).
-- saturated     = mean of Cast(Less(y * (1 - y), 0.0025)) for sigmoid (derivative below 1% of
-  its peak 0.25) and Cast(Less(1 - y * y, 0.01)) for tanh (peak 1): the same float32
-  expressions as the test oracle, so the comparison is exact. Not layout-aware, but these are
-  the baselines, not the activations this service is about.
+- active rate = GlobalAveragePool(HardSigmoid(Y3, alpha=2**127, beta=0)). HardSigmoid is
+  max(0, min(1, alpha*y + beta)): 0 for y <= 0, exactly 1 for every y >= 2**-127, so the test
+  y > 0 is exact for all normal float32 values and half of the subnormal range.
+- max = GlobalMaxPool(Y3); dead channels are taken from it (max <= 0 over the batch), exact
+  for every float.
+- mean = GlobalAveragePool(Y3), in float32; then the deviations D = Y3 - mean of each (sample,
+  channel) group, and their mean and mean square (GlobalAveragePool of D and of D*D). The
+  deviations' mean is the float32 mean's rounding error, their mean square the group's
+  variance without the cancellation of E[y^2] - E[y]^2 (which read 1.3e-5 for a true 1.1e-7
+  on near-constant layers); ``summaries._moments`` combines the groups in float64, so every
+  statistic is within 1e-5 relative (1e-7 absolute) of a float64 reference.
+- min = -GlobalMaxPool(Neg(Y3)), except for relu and relu6 where Y >= 0: there the minimum is
+  exactly 0 as soon as one element is inactive, which the active rates show, so no graph
+  output is spent on it (``needs_min_output``). The caller handles the rare batch in which a
+  ReLU layer has no zero at all (``LoadedModel`` fetches that layer's raw output).
+- saturated = mean of Cast(Less(y * (1 - y), 0.0025)) for sigmoid (derivative below 1% of its
+  peak 0.25) and Cast(Less(1 - y * y, 0.01)) for tanh: the same float32 expressions as the test
+  oracle, so the comparison is exact.
 
 Rank-2 activations (N, C) (dense layers) are already per sample and channel: their values
-are Y itself, Greater(Y, 0) and Y*Y, reshaped to (N, C, 1, 1) to join the Concat.
+are Y itself and Greater(Y, 0), with no spread, reshaped to (N, C, 1) to join the Concat.
 
-Cost and what did not help (ResNet-20, batch 32, 2 threads, onnxruntime 1.32, measured
-with paired runs): per ReLU layer the statistics read Y four times and write two Y-sized
-temporaries (the indicator, the squares); a pooling pass over a 2 MiB activation takes
-~20 us, an elementwise pass (read + write) ~55-70 us, HardSigmoid, Mul, Relu and Add alike.
-The two writes are most of the cost, and each is the only exact layout-aware way to get its
-statistic (an exact count and a sum of squares cannot come out of one elementwise pass and
-one sum). Tried and dropped:
-- ``GlobalLpPool(Y, p=2)`` for the sum of squares: not layout-aware here, so onnxruntime
-  reorders every activation back to NCHW (76 ReorderOutput nodes): 6.7x the plain model;
-  ``ReduceSumSquare(Y, axes=[2, 3])`` likewise: 1.63x against 1.22x (batch 20).
-- One GlobalAveragePool over ``Concat([Y, Y*Y])`` (or with the indicator): the Concat copies
-  its inputs, costing more than the pooling pass it saves (1.52x vs 1.40x, same run; with the
-  indicator too, 1.35x vs 1.22-1.26x at batch 20, and 9% fewer requests/s at 64 clients).
-- Any order of a layer's statistic nodes (onnxruntime runs them in the order they are
-  appended here, not in the order of the packed output): no measurable difference.
-- ORT_ENABLE_EXTENDED instead of ALL: no NCHWc transform, the model itself runs ~2x slower.
-What did help: letting onnxruntime's intra-op threads spin during a run
-(``service.runtime.providers.session_options``). With spinning off, every parallelised node woke the
-second thread through the kernel, and the statistics add ~115 small nodes: on/off measured
-1.33-1.40 at two threads, 1.18 at one. Spinning during the run and stopping when it returns
-(``session.force_spinning_stop``): 1.20 at two threads (batch 32; profile: the pooling
-nodes ~35%, the indicators and squares ~50%, the packing Concat/reorder the rest).
+Cost (onnxruntime 1.32, 2 threads; ``bench/bench_stats_overhead.py`` for ResNet-20,
+``bench/bench_stats_deep.py`` for an EfficientNet-like model, docs/benchmarks.md): onnxruntime's
+NCHWc transformer keeps convolution outputs in a blocked layout, and a consumer that is not
+layout-aware (Sub, Neg, Clip, ReduceMin, ...) gets a full copy of Y back to NCHW inserted
+before it. The one view Y3 takes that copy once per layer, after which every statistic reads
+plain memory (before, each such consumer had its own: 4-5 copies per layer). Each layer then
+costs that copy and 5-7 elementwise passes; observing a tensor also stops onnxruntime's
+fusions around it. Tried and dropped before: ``GlobalLpPool`` or ``ReduceSumSquare`` for the
+sum of squares (not layout-aware: a reorder per use), one pooling over ``Concat([Y, Y*Y])``
+(the Concat's copy costs more than it saves), ``ORT_ENABLE_EXTENDED`` (no NCHWc at all: the
+model itself ~2x slower). What helped: intra-op threads that spin during a run
+(``service.runtime.providers.session_options``; the statistics add many small nodes, each
+of which woke the second thread through the kernel).
 """
 
 from __future__ import annotations

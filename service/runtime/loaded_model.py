@@ -355,13 +355,12 @@ def _open_sessions(
                     # ortvalue_from_numpy wraps the array's memory; the OrtValue keeps it alive.
                     shared[init.name] = ort.OrtValue.ortvalue_from_numpy(arr)
 
-    def make_session(source: onnx.ModelProto | Path, arena: bool = True) -> ort.InferenceSession:
+    def make_session(source: onnx.ModelProto | Path) -> ort.InferenceSession:
+        # Both sessions keep onnxruntime's CPU arena, which holds the largest run's peak for
+        # good: without it (or with its shrinkage after each run) the statistics session of
+        # an EfficientNet-like model at batch 8 kept RSS flat but ran 1.8x slower
+        # (docs/benchmarks.md, "Statistics on a deep model").
         options = session_options(threads)
-        # The statistics session runs without onnxruntime's CPU arena: the arena keeps the
-        # largest run's peak for good, and an instrumented deep model's peak is large
-        # (EfficientNet-like, batch 8: RSS +330 MiB after 30 runs with the arena; see
-        # bench/bench_stats_deep.py); malloc'd blocks go back after each run.
-        options.enable_cpu_mem_arena = arena
         if shared:
             options.add_session_config_entry("session.disable_prepacking", "1")
             for init_name, value in shared.items():
@@ -375,7 +374,7 @@ def _open_sessions(
     in_use = providers_in_use(plain, requested)  # later sessions: no second fall-back
     stats, stats_error = None, None
     try:
-        stats = make_session(instrument_model(model, layers), arena=False)
+        stats = make_session(instrument_model(model, layers))
     except Exception as exc:  # a foreign graph our nodes do not fit: serve without stats
         stats_error = f"statistics unavailable: instrumenting the graph failed ({exc})"
         log.error("%s: %s", label, stats_error)
