@@ -32,9 +32,13 @@ SATURATING_KINDS = frozenset({"sigmoid", "tanh"})
 class Preprocessing(BaseModel):
     """How to turn an image into the model's input tensor.
 
-    Pixels are converted to ``channels`` (1: grayscale, 3: RGB), resized to
-    ``height`` x ``width``, scaled to [0, 1], inverted if ``invert`` (1 - x), then normalised
-    per channel: ``(x - mean) / std``. The result is NCHW float32.
+    Pixels are converted to ``channels`` (1: grayscale, 3: RGB, or BGR by ``channel_order``),
+    resized to ``height`` x ``width`` (``resize_mode``: stretched, or the shorter side resized
+    to ``resize_size`` then centre-cropped, as torchvision's ``Resize(256)`` +
+    ``CenterCrop(224)``), multiplied by ``scale`` (1/255: [0, 1]), inverted if ``invert``
+    (``255 * scale - x``), then normalised per channel: ``(x - mean) / std``. The result is
+    float32 in ``layout``: NCHW, or NHWC. The fields after ``background`` came with model
+    configurations (``service.model_config``); their defaults are what exported models had.
     """
 
     height: int = Field(gt=0)
@@ -48,6 +52,13 @@ class Preprocessing(BaseModel):
     # light ink on black). An uploaded image whose border is the other way round (a dark
     # digit on white paper) is inverted before normalising. None: never inverted.
     background: Literal["dark", "light"] | None = None
+    resize_mode: Literal["stretch", "shorter_side"] = "stretch"
+    # shorter_side: the length the shorter side is resized to before the centre crop
+    # (torchvision's Resize(256)); None: just enough to cover height x width.
+    resize_size: int | None = Field(default=None, gt=0)
+    channel_order: Literal["RGB", "BGR"] = "RGB"
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    scale: float = Field(default=1.0 / 255.0, gt=0.0)
 
     @model_validator(mode="after")
     def _check_lengths(self) -> Preprocessing:
@@ -56,7 +67,18 @@ class Preprocessing(BaseModel):
                 raise ValueError(f"preprocessing.{field} needs {self.channels} values")
         if any(s <= 0 for s in self.std):
             raise ValueError("preprocessing.std values must be positive")
+        if self.resize_size is not None and self.resize_size < min(self.height, self.width):
+            raise ValueError(
+                f"preprocessing.resize_size {self.resize_size} is smaller than the crop "
+                f"{self.height}x{self.width}"
+            )
         return self
+
+    def sample_shape(self) -> tuple[int, int, int]:
+        """One image's tensor shape: (C, H, W) or (H, W, C) by ``layout``."""
+        if self.layout == "NHWC":
+            return (self.height, self.width, self.channels)
+        return (self.channels, self.height, self.width)
 
 
 class ActivationLayer(BaseModel):

@@ -30,6 +30,8 @@ from pydantic_settings import SettingsError as PydanticSettingsError
 if TYPE_CHECKING:
     from pydantic_core import ErrorDetails  # pydantic's own dependency; for the annotation only
 
+    from service.model_config import ModelConfig
+
 ENV_PREFIX = "RELU_SERVE_"
 # The repository's own models/ folder: the default model ships there (Triton's layout).
 DEFAULT_MODEL_ROOT = Path(__file__).resolve().parent.parent / "models"
@@ -242,6 +244,12 @@ class ServiceSettings(BaseSettings):
     5 ms default lets a busy event loop keep an inference thread that finished its run
     waiting for the GIL for up to 5 ms per run; 0.5 ms hands results over sooner."""
 
+    default_image_preprocessing: bool = False
+    """Images sent to a model with neither our metadata nor a ``config.json``
+    (docs/models.md): off (default), refused with 422 ``preprocessing_unknown`` saying how to
+    describe the model; on, an image-shaped (N, 1 or 3, H, W) input gets them stretched to
+    H x W and scaled to [0, 1], no mean/std (the service's behaviour before config files)."""
+
     model_batching: dict[str, BatchingOverride] = Field(default_factory=dict)
     """Per-model override of the batching settings as JSON, e.g.
     ``{"resnet20": {"max_size": 32, "max_delay_ms": 2}}``."""
@@ -354,13 +362,16 @@ class ServiceSettings(BaseSettings):
     def _lower_log_level(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
 
-    def batching_for(self, model: str) -> tuple[int, float]:
-        """``(max samples per run, max queue delay in seconds)`` for ``model``."""
-        override = self.model_batching.get(model)
-        size = override.max_size if override and override.max_size else self.batch_max_size
-        delay_ms = self.batch_max_delay_ms
-        if override and override.max_delay_ms is not None:
-            delay_ms = override.max_delay_ms
+    def batching_for(self, model: str, config: ModelConfig | None = None) -> tuple[int, float]:
+        """``(max samples per run, max queue delay in seconds)`` for ``model``: each limit
+        from ``model_batching``, else the model's config.json (``config``), else the
+        service-wide setting."""
+        layers = [o for o in (self.model_batching.get(model), config and config.batching) if o]
+        size = next((o.max_size for o in layers if o.max_size), self.batch_max_size)
+        delay_ms = next(
+            (o.max_delay_ms for o in layers if o.max_delay_ms is not None),
+            self.batch_max_delay_ms,
+        )
         return size, delay_ms / 1000.0
 
     def providers_for(self, model: str) -> list[str]:

@@ -182,7 +182,7 @@ def model_configuration(model: LoadedModel, settings: ServiceSettings) -> dict[s
         for name, spec in catalogue.items()
         if spec.statistic is not None
     }
-    max_size, delay_s = settings.batching_for(model.name)
+    max_size, delay_s = settings.batching_for(model.name, model.config)
     gpu = model.providers.used[0] in _GPU_PROVIDERS
     config: dict[str, Any] = {
         "name": model.name,

@@ -47,6 +47,7 @@ from service.core.images import (
 from service.core.metrics import ServiceMetrics
 from service.core.monitor import collect_metrics, monitor_factory
 from service.core.repository import ModelRepository
+from service.model_config import ModelConfig
 from service.runtime.loaded_model import (
     STATS_MODES,
     LoadedModel,
@@ -101,7 +102,7 @@ class DataPlane:
             settings.model_root,
             providers=settings.providers,
             model_providers=settings.model_providers,
-            batch_sizes=lambda name: settings.batching_for(name)[0],
+            batch_sizes=lambda name, config: settings.batching_for(name, config)[0],
             threads=settings.intra_op_threads,
             strict=settings.strict_providers,
             monitor_factory=monitor_factory(settings),
@@ -210,13 +211,15 @@ class DataPlane:
         self, model: LoadedModel, images: Sequence[tuple[str, bytes]]
     ) -> np.ndarray:
         """Decode and preprocess images (N, C, H, W) float32; a worker thread does it unless
-        they are small. A foreign image-shaped model gets a plain [0, 1] scaling; other
-        models without preprocessing take tensors only (400).
+        they are small. A model without preprocessing (metadata or config.json) refuses
+        images (422 ``preprocessing_unknown``) unless ``default_image_preprocessing``.
 
         Memory is bounded before a pixel is decoded: the headers give every image's size,
         the request's pixels must stay within ``max_request_pixels``, and the images are
         decoded one at a time under the process's ``decode_budget_bytes``."""
-        prep = model.preprocessing or default_preprocessing(model.name, model.input_shape)
+        prep = model.preprocessing or default_preprocessing(
+            model.name, model.input_shape, allowed=self.settings.default_image_preprocessing
+        )
         max_pixels = self.settings.max_image_pixels
         opened = [(n, open_image(data, max_pixels=max_pixels, name=n)) for n, data in images]
         pixels = sum(image.width * image.height for _, image in opened)
@@ -297,7 +300,7 @@ class DataPlane:
         """The model version's batcher, created on its first request."""
         batcher = self._batchers.get(model)
         if batcher is None:
-            max_size, max_delay_s = self.settings.batching_for(model.name)
+            max_size, max_delay_s = self.settings.batching_for(model.name, model.config)
             if model.input_shape[0] is not None:  # a fixed batch axis: requests cannot merge
                 max_size = 1
             batcher = ModelBatcher(
@@ -432,20 +435,21 @@ class _Repository(ModelRepository):
         root: Path,
         *,
         model_providers: dict[str, list[str]],
-        batch_sizes: Callable[[str], int],
+        batch_sizes: Callable[[str, ModelConfig | None], int],
         **kwargs: Any,
     ) -> None:
         super().__init__(root, **kwargs)
         self._model_providers = model_providers
         self._batch_sizes = batch_sizes
 
-    def providers_for(self, name: str) -> str | Sequence[str]:
-        """The model's own providers when ``model_providers`` names it."""
-        return self._model_providers.get(name, self.providers)
+    def providers_for(self, name: str, config: ModelConfig | None = None) -> str | Sequence[str]:
+        """The model's own providers when ``model_providers`` names it, else its config.json's,
+        else the service's."""
+        return self._model_providers.get(name) or super().providers_for(name, config)
 
-    def gpu_batch_for(self, name: str) -> int:
+    def gpu_batch_for(self, name: str, config: ModelConfig | None = None) -> int:
         """The model's largest batch."""
-        return self._batch_sizes(name)
+        return self._batch_sizes(name, config)
 
 
 def _expire(future: asyncio.Future[RunResult]) -> None:

@@ -1,12 +1,13 @@
 """Image bytes -> the model's input tensor, following the model's own ``Preprocessing``.
 
-Steps, in the metadata's order: convert to 1 or 3 channels (transparency over white), resize
-to H x W with the model's filter, scale to [0, 1], invert if ``invert``, invert the images
-whose border is the opposite of ``background``, then ``(x - mean) / std``.
+Steps, in the metadata's order: convert to 1 or 3 channels (transparency over white; RGB or
+BGR), resize to H x W with the model's filter (stretched, or the shorter side resized then
+centre-cropped), multiply by ``scale`` ([0, 1] by default), invert if ``invert``, invert the
+images whose border is the opposite of ``background``, ``(x - mean) / std``, then NCHW or NHWC.
 
 The format is sniffed from the bytes (a client's filename or content type is not trusted),
 the pixel count is checked from the header before any pixel is decoded, and the batch is
-normalised in one vectorised numpy step: (N, C, H, W) float32.
+normalised in one vectorised numpy step: (N, C, H, W) (or (N, H, W, C)) float32.
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from service.core.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
+from service.core.errors import (
+    BadRequestError,
+    PayloadTooLargeError,
+    UnprocessableError,
+    UnsupportedMediaTypeError,
+)
 from service.metadata import Preprocessing
 
 SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
@@ -172,56 +178,101 @@ def _to_mode(image: Image.Image, channels: int) -> Image.Image:
 
 
 def preprocess_images(images: Iterable[Image.Image], prep: Preprocessing) -> np.ndarray:
-    """Convert, resize and normalise images per ``prep``: (N, C, H, W) float32. Each image
-    is closed once resized, its pixels freed then: an iterator that decodes as it goes holds
-    one decoded image at a time."""
-    resample = _RESAMPLING[prep.resize]
-    size = (prep.width, prep.height)  # PIL takes (W, H)
+    """Convert, resize and normalise images per ``prep``: (N, C, H, W) or (N, H, W, C)
+    float32. Each image is closed once resized, its pixels freed then: an iterator that
+    decodes as it goes holds one decoded image at a time."""
 
     def resized(image: Image.Image) -> np.ndarray:
         try:
-            return np.asarray(_to_mode(image, prep.channels).resize(size, resample))
+            return np.asarray(resize_image(_to_mode(image, prep.channels), prep))
         finally:
             image.close()
 
     pixels = np.stack([resized(im) for im in images])  # (N, H, W) or (N, H, W, 3), uint8
     # (N, 1, H, W) or (N, 3, H, W)
     pixels = pixels[:, None] if prep.channels == 1 else pixels.transpose(0, 3, 1, 2)
-    x = pixels.astype(np.float32) * np.float32(1.0 / 255.0)  # [0, 1]
+    if prep.channels == 3 and prep.channel_order == "BGR":
+        pixels = pixels[:, ::-1]
+    top = np.float32(255.0 * prep.scale)  # the scaled value of a white pixel
+    x = pixels.astype(np.float32) * np.float32(prep.scale)  # [0, top]
     if prep.invert:
-        x = np.float32(1.0) - x
+        x = top - x
     if prep.background is not None:
-        x = _match_background(x, prep.background)
+        x = _match_background(x, prep.background, top)
     mean = np.asarray(prep.mean, dtype=np.float32).reshape(1, -1, 1, 1)
     std = np.asarray(prep.std, dtype=np.float32).reshape(1, -1, 1, 1)
-    return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+    x = (x - mean) / std  # (N, C, H, W)
+    if prep.layout == "NHWC":
+        x = x.transpose(0, 2, 3, 1)  # (N, H, W, C)
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def _match_background(x: np.ndarray, background: str) -> np.ndarray:
+def resize_image(image: Image.Image, prep: Preprocessing) -> Image.Image:
+    """Resize to ``prep.height`` x ``prep.width``: stretched, or (``shorter_side``) the
+    shorter side to ``resize_size`` keeping the aspect ratio, then the centre crop, with
+    torchvision's arithmetic (``Resize``: the longer side ``int(size * long / short)``;
+    ``CenterCrop``: offsets ``int(round((side - crop) / 2))``)."""
+    resample = _RESAMPLING[prep.resize]
+    if prep.resize_mode == "stretch":
+        return image.resize((prep.width, prep.height), resample)  # PIL takes (W, H)
+    size = prep.resize_size or max(prep.height, prep.width)
+    width, height = image.size
+    if width <= height:
+        new_w, new_h = size, int(size * height / width)
+    else:
+        new_w, new_h = int(size * width / height), size
+    image = image.resize((new_w, new_h), resample)
+    left = int(round((new_w - prep.width) / 2.0))
+    upper = int(round((new_h - prep.height) / 2.0))
+    return image.crop((left, upper, left + prep.width, upper + prep.height))
+
+
+def _match_background(x: np.ndarray, background: str, top: np.float32) -> np.ndarray:
     """Invert the images whose border is the opposite of the training images' background
     (a dark digit on white paper for a model trained on light ink on black), as training's
-    ``image_background`` measured it: the mean of the border pixels in [0, 1]."""
+    ``image_background`` measured it: the mean of the border pixels in [0, 1] (x is in
+    [0, ``top``])."""
     border = np.concatenate(
         [x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], axis=-1
     )  # (N, C, 2W + 2H)
-    level = border.mean(axis=(1, 2))  # (N,)
+    level = border.mean(axis=(1, 2)) / top  # (N,)
     flip = level > 0.5 if background == "dark" else level < 0.5
-    return np.where(flip[:, None, None, None], np.float32(1.0) - x, x)
+    return np.where(flip[:, None, None, None], top - x, x)
 
 
-def default_preprocessing(model: str, input_shape: Sequence[object]) -> Preprocessing:
-    """Preprocessing for a model without our metadata, when its input looks like an image.
+def default_preprocessing(
+    model: str, input_shape: Sequence[object], *, allowed: bool = False
+) -> Preprocessing:
+    """Preprocessing for a model with neither our metadata nor a configuration.
 
-    A foreign model takes images only if its input is (N, C, H, W) with C in {1, 3} and fixed
-    H and W: pixels are then scaled to [0, 1] and nothing else (no mean/std are known).
-    Anything else takes tensors only: 400 naming the model.
+    Unknown preprocessing is not guessed: 422 ``preprocessing_unknown``, saying how to describe
+    it, unless ``allowed`` (the ``default_image_preprocessing`` setting) and the input is
+    (N, C, H, W) with C in {1, 3} and fixed H and W: pixels are then stretched to H x W and
+    scaled to [0, 1], nothing else (no mean/std are known). Any other input takes tensors
+    only: 400 naming the model.
     """
     dims = list(input_shape)
     fixed = [d for d in dims[1:] if isinstance(d, int) and d > 0]
-    if len(dims) != 4 or len(fixed) != 3 or dims[1] not in (1, 3):
+    image_shaped = len(dims) == 4 and len(fixed) == 3 and dims[1] in (1, 3)
+    if not allowed:
+        raise UnprocessableError(
+            f"model {model!r} has no preprocessing: the service does not know how it expects "
+            f"images (size, resize and crop, mean/std). Describe it in "
+            f"models/{model}/config.json (docs/models.md), e.g. written by `python -m service "
+            f"describe models/{model}/1/model.onnx --preset imagenet`; or send a tensor"
+            + (
+                "; or set RELU_SERVE_DEFAULT_IMAGE_PREPROCESSING=true to stretch images to "
+                f"{fixed[1]}x{fixed[2]} and scale them to [0, 1]"
+                if image_shaped
+                else ""
+            ),
+            code="preprocessing_unknown",
+        )
+    if not image_shaped:
         raise BadRequestError(
             f"model {model!r} takes tensors only: it has no preprocessing metadata and its "
-            f"input shape {dims} is not (N, 1 or 3, H, W); send a tensor instead",
+            f"input shape {dims} is not (N, 1 or 3, H, W); send a tensor instead, or "
+            f"describe its preprocessing in models/{model}/config.json (docs/models.md)",
             code="tensor_input_only",
         )
     channels: Literal[1, 3] = 1 if fixed[0] == 1 else 3

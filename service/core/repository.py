@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from service.core.monitor import DEFAULT_DRIFT_THRESHOLD, ActivationMonitor, monitor_for
+from service.model_config import ModelConfig, ModelConfigError, read_model_config
 from service.runtime.loaded_model import LoadedModel, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -392,11 +393,12 @@ class ModelRepository:
 
     # ---- loading ---------------------------------------------------------------------------
 
-    def providers_for(self, name: str) -> str | Sequence[str]:
-        """The execution providers model ``name`` is loaded with (a hook for overrides)."""
-        return self.providers
+    def providers_for(self, name: str, config: ModelConfig | None = None) -> str | Sequence[str]:
+        """The execution providers model ``name`` is loaded with: its config.json's, else the
+        repository's (a hook for overrides)."""
+        return config.providers if config and config.providers else self.providers
 
-    def gpu_batch_for(self, name: str) -> int:
+    def gpu_batch_for(self, name: str, config: ModelConfig | None = None) -> int:
         """The batch size model ``name``'s runs are padded to on a GPU (``LoadedModel.load``'s
         ``gpu_batch``; a hook for overrides)."""
         return self.gpu_batch
@@ -405,16 +407,22 @@ class ModelRepository:
         return self.load_file(self.version_path(name, version), name, version)
 
     def load_file(self, path: Path, name: str, version: str) -> LoadedModel:
-        """Load and warm up one model file as ``name``/``version`` without publishing it."""
+        """Load and warm up one model file as ``name``/``version`` without publishing it, with
+        the configuration beside it (``service.model_config``)."""
+        try:
+            config = read_model_config(path)
+        except ModelConfigError as exc:
+            raise ModelLoadError(path, str(exc)) from None
         model = LoadedModel.load(
             path,
             name,
             version,
-            providers=self.providers_for(name),
+            providers=self.providers_for(name, config),
             threads=self.threads,
             strict=self.strict,
             share_weights=self.share_weights,
-            gpu_batch=self.gpu_batch_for(name),
+            gpu_batch=self.gpu_batch_for(name, config),
+            config=config,
         )
         model.warm_up()
         return model

@@ -30,6 +30,11 @@ from onnx import helper, numpy_helper
 from pydantic import ValidationError
 
 from service.metadata import ModelMetadata, Preprocessing, ReferenceProfile
+from service.model_config import (
+    ModelConfig,
+    observed_layers,
+    resolve_preprocessing,
+)
 from service.runtime.activations import ActivationNode, find_activation_nodes, infer_tensor_shapes
 from service.runtime.instrument import STATS_OUTPUT, StatsLayout, instrument_model
 from service.runtime.providers import (
@@ -292,9 +297,11 @@ def _check_interface(
     model: onnx.ModelProto,
     metadata: ModelMetadata | None,
     shapes: Mapping[str, list[int | str | None]],
+    config_labels: list[str] | None = None,
 ) -> tuple[onnx.ValueInfoProto, str, list[str] | None]:
-    """The graph's one input, the output the service reads and the labels, checked against
-    the metadata when there is some (foreign models: the first output, labels "0".."K-1")."""
+    """The graph's one input, the output the service reads and the labels (the
+    configuration's, else the metadata's), checked against the metadata when there is some
+    (foreign models: the first output, labels "0".."K-1")."""
     graph = model.graph
     inputs = _real_inputs(graph)
     if len(inputs) != 1:
@@ -316,11 +323,14 @@ def _check_interface(
     out_shape = shapes.get(output_name) or _dims(graph.output[output_names.index(output_name)])
     num_classes = out_shape[1] if len(out_shape) == 2 and isinstance(out_shape[1], int) else None
     labels = list(metadata.labels) if metadata else None
+    source = "metadata"
+    if config_labels is not None:
+        labels, source = list(config_labels), "config.json labels"
     if labels is None and num_classes:
         labels = [str(i) for i in range(num_classes)]
-    if metadata and num_classes and labels is not None and len(labels) != num_classes:
+    elif num_classes and labels is not None and len(labels) != num_classes:
         raise ModelLoadError(
-            path, f"metadata has {len(labels)} labels, the model outputs {num_classes} classes"
+            path, f"{source} has {len(labels)} labels, the model outputs {num_classes} classes"
         )
     return input_info, output_name, labels
 
@@ -418,6 +428,8 @@ class LoadedModel:
         sha256: str,
         metadata: ModelMetadata | None,
         signature: ModelSignature,
+        config: ModelConfig | None = None,
+        preprocessing: Preprocessing | None = None,
         layers: list[ActivationNode],
         sessions: Sessions,
         providers: ProviderChoice,
@@ -429,6 +441,9 @@ class LoadedModel:
         self.path = path
         self.sha256 = sha256
         self.metadata = metadata
+        self.config = config  # the config.json beside the file (service.model_config)
+        # The configuration's preprocessing over the metadata's (None: neither has one).
+        self._preprocessing = preprocessing if config or not metadata else metadata.preprocessing
         # Read on every request: plain attributes.
         self.input_name = signature.input_name
         self.input_shape = signature.input_shape
@@ -469,12 +484,14 @@ class LoadedModel:
         strict: bool = False,
         share_weights: bool = False,
         gpu_batch: int = 64,
+        config: ModelConfig | None = None,
     ) -> LoadedModel:
         """Read ``path`` once, check it, and build the plain and the statistics sessions.
 
         On a provider other than the CPU, every run of fewer than ``gpu_batch`` samples is
         padded to ``gpu_batch`` (see the note on GPU runs at the top of this module); give the
-        batcher's largest batch. ``share_weights``: see ``_open_sessions``.
+        batcher's largest batch. ``share_weights``: see ``_open_sessions``. ``config``: the
+        model's configuration file (``service.model_config``), over its metadata.
         """
         path = Path(path)
         model, sha256 = _read_onnx(path)
@@ -483,10 +500,19 @@ class LoadedModel:
         except (ValidationError, ValueError) as exc:
             raise ModelLoadError(path, f"invalid relu_serve metadata ({exc})") from exc
         shapes = infer_tensor_shapes(model)
-        input_info, output_name, labels = _check_interface(path, model, metadata, shapes)
+        input_info, output_name, labels = _check_interface(
+            path, model, metadata, shapes, config.label_list if config else None
+        )
         try:
             layers = find_activation_nodes(model, metadata.activations if metadata else None)
-        except ValueError as exc:
+            preprocessing = resolve_preprocessing(
+                metadata.preprocessing if metadata else None,
+                config.preprocessing if config else None,
+                _dims(input_info),
+            )
+            if config and config.observe is not None:
+                layers = observed_layers(layers, config.observe)
+        except ValueError as exc:  # ModelConfigError among them
             raise ModelLoadError(path, str(exc)) from exc
         macs = multiply_accumulates(model, shapes)
         sessions, choice = _open_sessions(
@@ -520,6 +546,8 @@ class LoadedModel:
             sha256=sha256,
             metadata=metadata,
             signature=signature,
+            config=config,
+            preprocessing=preprocessing,
             layers=layers,
             sessions=sessions,
             providers=choice,
@@ -531,8 +559,9 @@ class LoadedModel:
 
     @property
     def preprocessing(self) -> Preprocessing | None:
-        """How to turn an image into the input tensor (None for foreign models)."""
-        return self.metadata.preprocessing if self.metadata else None
+        """How to turn an image into the input tensor: config.json's over the metadata's
+        (None for foreign models with neither)."""
+        return self._preprocessing
 
     @property
     def reference(self) -> ReferenceProfile | None:
@@ -748,10 +777,8 @@ class LoadedModel:
         for axis, dim in enumerate(self.input_shape[1:], start=1):
             if dim is None:
                 guessed = True
-                if prep and axis == len(self.input_shape) - 2:
-                    dim = prep.height
-                elif prep and axis == len(self.input_shape) - 1:
-                    dim = prep.width
+                if prep and len(self.input_shape) == 4:
+                    dim = prep.sample_shape()[axis - 1]
                 else:
                     dim = _WARMUP_DIM
             shape.append(dim)
@@ -819,6 +846,7 @@ class LoadedModel:
             "fallback_reason": self.providers.reason,
             "has_reference": self.reference is not None,
             "has_metadata": self.metadata is not None,
+            "has_config": self.config is not None,
             "architecture": self.metadata.architecture if self.metadata else None,
             "sha256": self.sha256,
         }

@@ -23,7 +23,7 @@ def warmup_shape(model: LoadedModel) -> list[int]:
     for axis, dim in enumerate(shape[1:], start=1):
         if dim is None:
             if prep is not None and len(shape) == 4:
-                dim = (prep.channels, prep.height, prep.width)[axis - 1]
+                dim = prep.sample_shape()[axis - 1]
             else:
                 dim = _GUESSED_DIM
         dims.append(dim)
@@ -45,11 +45,15 @@ def check_servable(model: LoadedModel) -> None:
         if len(shape) != 4:
             raise ModelLoadError(
                 path,
-                f"the metadata's preprocessing makes images (N, C, H, W) but input "
+                f"the metadata's preprocessing makes images ({prep.layout}) but input "
                 f"{model.input_name!r} has rank {len(shape)}",
             )
-        wanted = {"channels": prep.channels, "height": prep.height, "width": prep.width}
-        for axis, (what, want) in enumerate(wanted.items(), start=1):
+        names = (
+            ("height", "width", "channels")
+            if prep.layout == "NHWC"
+            else ("channels", "height", "width")
+        )
+        for axis, (what, want) in enumerate(zip(names, prep.sample_shape(), strict=True), start=1):
             if shape[axis] is not None and shape[axis] != want:
                 raise ModelLoadError(
                     path,

@@ -251,12 +251,14 @@ def test_foreign_model_takes_tensors_and_image_shaped_input(client: TestClient) 
     assert len(body["predictions"][0]["top_k"]) == 5  # 5 classes, top_k 5
     kinds = {layer["kind"] for layer in body["stats"]["layers"]}
     assert kinds  # statistics for whatever activation nodes its graph has
-    # (N, 3, 16, 16) looks like an image: a colour upload is scaled to [0, 1] and served
+    # Neither metadata nor config.json: how it wants images is unknown, so an image is refused
+    # with the way to describe it (tests/service/test_model_config.py has the opt-in default)
     image = client.post(
         "/v1/models/foreign/predict", files={"file": ("c.png", image_bytes("PNG", (20, 20), "RGB"))}
     )
-    assert image.status_code == 200, image.text
-    assert len(image.json()["predictions"][0]["top_k"]) == 5
+    assert image.status_code == 422, image.text
+    assert image.json()["error"]["code"] == "preprocessing_unknown"
+    assert "models/foreign/config.json" in image.json()["error"]["message"]
 
 
 QUERY = ("top_k", "stats", "shape")

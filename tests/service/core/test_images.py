@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.core.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
+from service.core.errors import (
+    BadRequestError,
+    PayloadTooLargeError,
+    UnprocessableError,
+    UnsupportedMediaTypeError,
+)
 from service.core.images import (
     configure_pillow,
     decode_image,
@@ -161,17 +166,27 @@ def test_decompression_bomb_guard_is_413() -> None:
         decode_image(data, max_pixels=MAX_PIXELS)
 
 
-def test_default_preprocessing_for_image_shaped_foreign_models() -> None:
-    prep = default_preprocessing("foreign", ["N", 3, 16, 16])
+def test_default_preprocessing_for_image_shaped_foreign_models_when_allowed() -> None:
+    prep = default_preprocessing("foreign", ["N", 3, 16, 16], allowed=True)
     assert (prep.channels, prep.height, prep.width) == (3, 16, 16)
     assert prep.mean == [0.0] * 3
     assert prep.std == [1.0] * 3
 
 
+def test_default_preprocessing_unknown_says_how_to_describe_the_model() -> None:
+    with pytest.raises(UnprocessableError) as caught:
+        default_preprocessing("foreign", ["N", 3, 16, 16])
+    assert caught.value.code == "preprocessing_unknown"
+    message = str(caught.value)
+    assert "models/foreign/config.json" in message
+    assert "python -m service describe" in message
+    assert "RELU_SERVE_DEFAULT_IMAGE_PREPROCESSING=true" in message
+
+
 @pytest.mark.parametrize("shape", [["N", 16], ["N", 2, 8, 8], ["N", 3, "H", "W"], [1, 3, 8]])
 def test_default_preprocessing_refuses_non_images(shape: list) -> None:
     with pytest.raises(BadRequestError, match="model 'foreign' takes tensors only"):
-        default_preprocessing("foreign", shape)
+        default_preprocessing("foreign", shape, allowed=True)
 
 
 def test_images_against_the_training_background_are_inverted() -> None:
