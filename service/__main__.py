@@ -19,10 +19,14 @@ fresh for this run when unset, where the live monitor's counts and the metrics
 (prometheus_client's multiprocess files, ``PROMETHEUS_MULTIPROC_DIR``) of every worker are
 kept, so that any worker answers for all. ``uvicorn service.main:app`` serves one process
 with everything in its own memory; it dies by the SIGTERM that stops it (status 143).
+
+Subcommands: ``python -m service describe MODEL.onnx [--labels FILE] [--preset imagenet]
+[--out PATH]`` writes a model's ``config.json`` (docs/models.md); ``--help`` after it says more.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import shutil
@@ -49,10 +53,19 @@ WORKERS_VARIABLE = "RELU_SERVE_WORKERS"
 SHARED_PARTS = ("metrics", "monitor")
 
 
+# ``python -m service NAME ...``: subcommands, each the module whose ``main(argv) -> int``
+# runs it; anything else is the server.
+SUBCOMMANDS = {
+    "describe": "service.describe",  # write a model's config.json (docs/models.md)
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run uvicorn's command line with our app first, and the settings' worker count, time
     limits and HTTP protocol where the command line gives none."""
     args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in SUBCOMMANDS:
+        sys.exit(importlib.import_module(SUBCOMMANDS[args[0]]).main(args[1:]))
     if "--help" in args:
         sys.stdout.write(__doc__.replace("``", "`").strip() + "\n\n")
     given = _option_value(args, "--workers")
