@@ -19,10 +19,14 @@ fresh for this run when unset, where the live monitor's counts and the metrics
 (prometheus_client's multiprocess files, ``PROMETHEUS_MULTIPROC_DIR``) of every worker are
 kept, so that any worker answers for all. ``uvicorn service.main:app`` serves one process
 with everything in its own memory; it dies by the SIGTERM that stops it (status 143).
+
+Subcommands (``python -m service COMMAND --help`` for each):
+  calibrate NAME --images DIR   measure a model's reference profile for drift (reference.json)
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import shutil
@@ -47,12 +51,18 @@ WORKERS_VARIABLE = "RELU_SERVE_WORKERS"
 # The parts of the shared folder emptied at every start: counts of an earlier run would be
 # read as this one's (prometheus_client requires an empty multiprocess folder at start).
 SHARED_PARTS = ("metrics", "monitor")
+# ``python -m service COMMAND ...``: the module whose ``main(argv) -> int`` runs COMMAND.
+SUBCOMMANDS = {
+    "calibrate": "service.calibrate",
+}
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run uvicorn's command line with our app first, and the settings' worker count, time
     limits and HTTP protocol where the command line gives none."""
     args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in SUBCOMMANDS:
+        sys.exit(importlib.import_module(SUBCOMMANDS[args[0]]).main(args[1:]))
     if "--help" in args:
         sys.stdout.write(__doc__.replace("``", "`").strip() + "\n\n")
     given = _option_value(args, "--workers")
