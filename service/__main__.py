@@ -20,8 +20,10 @@ fresh for this run when unset, where the live monitor's counts and the metrics
 kept, so that any worker answers for all. ``uvicorn service.main:app`` serves one process
 with everything in its own memory; it dies by the SIGTERM that stops it (status 143).
 
-Subcommands: ``python -m service describe MODEL.onnx [--labels FILE] [--preset imagenet]
-[--out PATH]`` writes a model's ``config.json`` (docs/models.md); ``--help`` after it says more.
+Subcommands (``python -m service COMMAND --help`` for each):
+  describe MODEL.onnx [--labels FILE] [--preset imagenet]
+                                write a model's config.json (docs/models.md)
+  calibrate NAME --images DIR   measure a model's reference profile for drift (reference.json)
 """
 
 from __future__ import annotations
@@ -51,12 +53,11 @@ WORKERS_VARIABLE = "RELU_SERVE_WORKERS"
 # The parts of the shared folder emptied at every start: counts of an earlier run would be
 # read as this one's (prometheus_client requires an empty multiprocess folder at start).
 SHARED_PARTS = ("metrics", "monitor")
-
-
 # ``python -m service NAME ...``: subcommands, each the module whose ``main(argv) -> int``
 # runs it; anything else is the server.
 SUBCOMMANDS = {
     "describe": "service.describe",  # write a model's config.json (docs/models.md)
+    "calibrate": "service.calibrate",  # measure a reference profile (reference.json)
 }
 
 

@@ -550,7 +550,9 @@ class ActivationMonitor:
         window now), ``samples_seen`` (since start or reset), ``window_full`` (``samples >=
         min_samples``), ``workers`` (stores merged: one per worker process that has loaded this
         version, living or not), ``drift`` (max over layers, None without a reference),
-        ``drift_threshold``, ``drifted``, ``has_reference``, and ``layers``: per layer ``name``,
+        ``drift_threshold``, ``drifted``, ``has_reference``, ``drift_unavailable`` (None with a
+        reference, else why drift is not measured and how to measure it), and ``layers``: per
+        layer ``name``,
         ``channels``, ``samples_seen``, ``samples``, ``window_full``, ``inactive_fraction``,
         ``channel_activity`` (C rates), ``dead_units`` and ``dead_channels`` (None until the
         window is full), ``drift``, ``drifted``, ``reference_inactive_fraction``.
@@ -571,9 +573,23 @@ class ActivationMonitor:
             "drift": max(drifts) if drifts else None,
             "drift_threshold": self.drift_threshold,
             "drifted": any(layer["drifted"] for layer in layers),
-            "has_reference": bool(self._reference_rates),
+            "has_reference": self.has_reference,
+            "drift_unavailable": None if self.has_reference else self.drift_unavailable(),
             "layers": layers,
         }
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether drift is measured: a reference profile covers at least one layer."""
+        return bool(self._reference_rates)
+
+    def drift_unavailable(self) -> str:
+        """Why drift is not measured, said plainly, with the command that measures it."""
+        return (
+            f"no reference profile: model {self.model!r} version {self.version} carries none, "
+            f"so drift is not measured; measure one on typical images with `python -m service "
+            f"calibrate {self.model} --version {self.version} --images DIR`"
+        )
 
 
 @dataclass
@@ -660,8 +676,15 @@ def collect_metrics(
     )
     drift = GaugeMetricFamily(
         f"{ns}_activation_drift_score",
-        "Distance of live per-channel activity from the reference profile.",
+        "Distance of live per-channel activity from the reference profile (no sample for a "
+        "model without one: see monitor_has_reference).",
         labels=("model", "layer"),
+    )
+    has_reference = GaugeMetricFamily(
+        f"{ns}_monitor_has_reference",
+        "1 when the model's monitored version has a reference profile, so drift is measured; "
+        "0 when not (python -m service calibrate measures one).",
+        labels=("model",),
     )
     drifted = GaugeMetricFamily(
         f"{ns}_activation_drifted",
@@ -695,12 +718,14 @@ def collect_metrics(
         snapshot = monitor._summarise(merged)
         model, version = monitor.model, monitor.version
         window.add_metric([model], snapshot["samples"])
+        has_reference.add_metric([model], 1.0 if snapshot["has_reference"] else 0.0)
         samples.add_metric([model, version], merged.total)
         for layer in snapshot["layers"]:
             name = layer["name"]
             inactive.add_metric([model, name], _nan_if_none(layer["inactive_fraction"]))
             dead.add_metric([model, name], _nan_if_none(layer["dead_units"]))
-            drift.add_metric([model, name], _nan_if_none(layer["drift"]))
+            if snapshot["has_reference"]:  # else no sample: NaN would read as "unknown yet"
+                drift.add_metric([model, name], _nan_if_none(layer["drift"]))
             drifted.add_metric([model, name], 1.0 if layer["drifted"] else 0.0)
             columns = monitor._columns[name]
             counts = merged.total_active[columns].tolist()
@@ -708,4 +733,4 @@ def collect_metrics(
             for channel, (count, total) in enumerate(zip(counts, sums, strict=True)):
                 active.add_metric([model, version, name, str(channel)], count)
                 activity.add_metric([model, version, name, str(channel)], total)
-    return [inactive, dead, drift, drifted, window, samples, active, activity]
+    return [inactive, dead, drift, drifted, has_reference, window, samples, active, activity]

@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from service.core.monitor import DEFAULT_DRIFT_THRESHOLD, ActivationMonitor, monitor_for
+from service.core.reference import REFERENCE_FILENAME, ReferenceFileError, read_reference
 from service.model_config import ModelConfig, ModelConfigError, read_model_config
 from service.runtime.loaded_model import LoadedModel, ModelLoadError
 
@@ -327,8 +328,9 @@ class ModelRepository:
 
     def fingerprint(self) -> tuple[Any, ...]:
         """A cheap picture of the disk (stats only, nothing read): every model folder's state
-        file and version folders' model files. It changes when a sync could change anything."""
-        entries: list[tuple[str, str, FileKey | None]] = []
+        file and version folders' model and reference files. It changes when a sync could
+        change anything."""
+        entries: list[tuple[str, str, FileKey | None, FileKey | None]] = []
         try:
             model_dirs = sorted(e.name for e in os.scandir(self.root) if e.is_dir())
         except OSError:
@@ -337,10 +339,18 @@ class ModelRepository:
             if name.startswith("."):
                 continue
             model_dir = self.root / name
-            entries.append((name, "", file_key(model_dir / STATE_FILENAME)))
+            entries.append((name, "", file_key(model_dir / STATE_FILENAME), None))
             with contextlib.suppress(OSError):  # removed meanwhile: the next look sees it
                 for version in sorted(e.name for e in os.scandir(model_dir) if e.is_dir()):
-                    entries.append((name, version, file_key(model_dir / version / MODEL_FILENAME)))
+                    folder = model_dir / version
+                    entries.append(
+                        (
+                            name,
+                            version,
+                            file_key(folder / MODEL_FILENAME),
+                            file_key(folder / REFERENCE_FILENAME),
+                        )
+                    )
         return tuple(entries)
 
     def version_path(self, name: str, version: str) -> Path:
@@ -408,7 +418,8 @@ class ModelRepository:
 
     def load_file(self, path: Path, name: str, version: str) -> LoadedModel:
         """Load and warm up one model file as ``name``/``version`` without publishing it, with
-        the configuration beside it (``service.model_config``)."""
+        the configuration beside it (``service.model_config``) and the reference profile of a
+        ``reference.json`` beside it (``service.core.reference``)."""
         try:
             config = read_model_config(path)
         except ModelConfigError as exc:
@@ -424,6 +435,18 @@ class ModelRepository:
             gpu_batch=self.gpu_batch_for(name, config),
             config=config,
         )
+        reference_path = path.parent / REFERENCE_FILENAME
+        model.calibration_key = file_key(reference_path)  # before reading it
+        try:
+            calibration = read_reference(reference_path, model.sha256, model.layers)
+        except ReferenceFileError as exc:
+            raise ModelLoadError(
+                reference_path,
+                f"{exc}; run python -m service calibrate {name} --version {version} again, "
+                "or delete the file",
+            ) from exc
+        if calibration is not None:
+            model.calibrated_reference = calibration.reference
         model.warm_up()
         return model
 
@@ -666,12 +689,29 @@ class ModelRepository:
         current = state.models.get(name, {}).get(version)
         path = self.version_path(name, version)
         key = file_key(path)  # before reading: a write meanwhile shows at the next look
+        # A reference.json written, replaced or removed beside the file loads the version
+        # again (its monitor then compares with the new profile).
+        reference_key = file_key(path.parent / REFERENCE_FILENAME)
         try:
-            if current is not None and key is not None and state.keys.get((name, version)) == key:
+            if (
+                current is not None
+                and key is not None
+                and state.keys.get((name, version)) == key
+                and current.calibration_key == reference_key
+            ):
                 loaded = current  # unchanged stat: not even read
-            elif preloaded is not None and key is not None and preloaded[1] == key:
+            elif (
+                preloaded is not None
+                and key is not None
+                and preloaded[1] == key
+                and preloaded[0].calibration_key == reference_key
+            ):
                 loaded = preloaded[0]
-            elif current is not None and file_sha256(path) == current.sha256:
+            elif (
+                current is not None
+                and current.calibration_key == reference_key
+                and file_sha256(path) == current.sha256
+            ):
                 loaded = current  # touched or copied, same bytes
             else:
                 loaded = self._load_version(name, version)

@@ -465,6 +465,11 @@ class LoadedModel:
         self._stat_fetches = self.layout.outputs
         self.macs = macs  # multiply-accumulates per sample, None if unknown
         self.run_size = run_size  # runs of fewer samples are padded to this many (a GPU's)
+        # A reference profile measured beside the file (``python -m service calibrate``,
+        # set by the repository): it overrides the one embedded at export.
+        self.calibrated_reference: ReferenceProfile | None = None
+        # The stat (mtime_ns, size, inode) of that file when read; None when there was none.
+        self.calibration_key: tuple[int, int, int] | None = None
 
     @property
     def small(self) -> bool:
@@ -565,8 +570,18 @@ class LoadedModel:
 
     @property
     def reference(self) -> ReferenceProfile | None:
-        """The activation profile measured at export, the baseline for drift."""
+        """The baseline for drift: the activation profile measured beside the file
+        (``reference.json``), else the one embedded at export, else None."""
+        if self.calibrated_reference is not None:
+            return self.calibrated_reference
         return self.metadata.reference if self.metadata else None
+
+    @property
+    def reference_source(self) -> str | None:
+        """Where the reference profile comes from: "reference.json", "metadata" or None."""
+        if self.calibrated_reference is not None:
+            return "reference.json"
+        return "metadata" if self.reference is not None else None
 
     @property
     def has_statistics(self) -> bool:
@@ -845,6 +860,7 @@ class LoadedModel:
             "fell_back": self.providers.fell_back,
             "fallback_reason": self.providers.reason,
             "has_reference": self.reference is not None,
+            "reference_source": self.reference_source,
             "has_metadata": self.metadata is not None,
             "has_config": self.config is not None,
             "architecture": self.metadata.architecture if self.metadata else None,

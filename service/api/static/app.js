@@ -601,7 +601,9 @@
     const drift = $("monitor-drift");
     drift.classList.toggle("drifted", Boolean(snap.drifted));
     if (!snap.has_reference) {
-      drift.textContent = "This model has no reference profile, so drift is not measured.";
+      drift.textContent =
+        "No reference profile: drift is not measured. Measure one on typical images with " +
+        `python -m service calibrate ${snap.model ?? "NAME"} --images DIR.`;
     } else if (snap.drift === null || snap.drift === undefined) {
       drift.textContent = "No traffic with statistics yet: predict something (the page asks for statistics).";
     } else {

@@ -492,7 +492,9 @@ def test_prometheus_families_hold_the_merged_view_and_the_totals() -> None:
     gauge = {"model": "m", "layer": "a"}
     assert value(families, "relu_serve_activation_inactive_fraction", **gauge) == 0.875
     assert value(families, "relu_serve_activation_dead_units", **gauge) == 1
-    assert np.isnan(value(families, "relu_serve_activation_drift_score", **gauge))
+    # No reference: no drift sample at all (not NaN), and a 0 that says why.
+    assert not [s for f in families for s in f.samples if s.name.endswith("drift_score")]
+    assert value(families, "relu_serve_monitor_has_reference", model="m") == 0
     assert value(families, "relu_serve_activation_drifted", **gauge) == 0
     assert value(families, "relu_serve_monitor_window_samples", model="m") == 4
     assert value(families, "relu_serve_monitor_samples_total", model="m", version="4") == 6
