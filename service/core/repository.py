@@ -52,7 +52,12 @@ import numpy as np
 
 from service.core.monitor import DEFAULT_DRIFT_THRESHOLD, ActivationMonitor, monitor_for
 from service.core.reference import REFERENCE_FILENAME, ReferenceFileError, read_reference
-from service.model_config import ModelConfig, ModelConfigError, read_model_config
+from service.model_config import (
+    CONFIG_FILENAME,
+    ModelConfig,
+    ModelConfigError,
+    read_model_config,
+)
 from service.runtime.loaded_model import LoadedModel, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -108,6 +113,18 @@ def file_sha256(path: Path) -> str:
 
 # A model file's stat as a poller compares it: (mtime_ns, size, inode); None when absent.
 FileKey = tuple[int, int, int]
+
+
+def side_files_key(model_file: Path) -> tuple[FileKey | None, ...]:
+    """The stats of the files read beside a model file: its version folder's reference.json
+    and config.json, and its model folder's config.json (a labels file they name is not
+    followed: touch the config.json after changing one)."""
+    folder = model_file.parent
+    return (
+        file_key(folder / REFERENCE_FILENAME),
+        file_key(folder / CONFIG_FILENAME),
+        file_key(folder.parent / CONFIG_FILENAME),
+    )
 
 
 def file_key(path: Path) -> FileKey | None:
@@ -328,9 +345,9 @@ class ModelRepository:
 
     def fingerprint(self) -> tuple[Any, ...]:
         """A cheap picture of the disk (stats only, nothing read): every model folder's state
-        file and version folders' model and reference files. It changes when a sync could
-        change anything."""
-        entries: list[tuple[str, str, FileKey | None, FileKey | None]] = []
+        file and version folders' model file and the files read beside it. It changes when a
+        sync could change anything."""
+        entries: list[tuple[str, str, FileKey | None, tuple[FileKey | None, ...] | None]] = []
         try:
             model_dirs = sorted(e.name for e in os.scandir(self.root) if e.is_dir())
         except OSError:
@@ -343,13 +360,9 @@ class ModelRepository:
             with contextlib.suppress(OSError):  # removed meanwhile: the next look sees it
                 for version in sorted(e.name for e in os.scandir(model_dir) if e.is_dir()):
                     folder = model_dir / version
+                    model_file = folder / MODEL_FILENAME
                     entries.append(
-                        (
-                            name,
-                            version,
-                            file_key(folder / MODEL_FILENAME),
-                            file_key(folder / REFERENCE_FILENAME),
-                        )
+                        (name, version, file_key(model_file), side_files_key(model_file))
                     )
         return tuple(entries)
 
@@ -436,7 +449,7 @@ class ModelRepository:
             config=config,
         )
         reference_path = path.parent / REFERENCE_FILENAME
-        model.calibration_key = file_key(reference_path)  # before reading it
+        model.side_files_key = side_files_key(path)  # before reading them
         try:
             calibration = read_reference(reference_path, model.sha256, model.layers)
         except ReferenceFileError as exc:
@@ -689,27 +702,27 @@ class ModelRepository:
         current = state.models.get(name, {}).get(version)
         path = self.version_path(name, version)
         key = file_key(path)  # before reading: a write meanwhile shows at the next look
-        # A reference.json written, replaced or removed beside the file loads the version
-        # again (its monitor then compares with the new profile).
-        reference_key = file_key(path.parent / REFERENCE_FILENAME)
+        # A reference.json or config.json written, replaced or removed beside the file loads
+        # the version again (its monitor then compares with the new profile).
+        side_key = side_files_key(path)
         try:
             if (
                 current is not None
                 and key is not None
                 and state.keys.get((name, version)) == key
-                and current.calibration_key == reference_key
+                and current.side_files_key == side_key
             ):
                 loaded = current  # unchanged stat: not even read
             elif (
                 preloaded is not None
                 and key is not None
                 and preloaded[1] == key
-                and preloaded[0].calibration_key == reference_key
+                and preloaded[0].side_files_key == side_key
             ):
                 loaded = preloaded[0]
             elif (
                 current is not None
-                and current.calibration_key == reference_key
+                and current.side_files_key == side_key
                 and file_sha256(path) == current.sha256
             ):
                 loaded = current  # touched or copied, same bytes

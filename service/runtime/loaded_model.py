@@ -468,8 +468,9 @@ class LoadedModel:
         # A reference profile measured beside the file (``python -m service calibrate``,
         # set by the repository): it overrides the one embedded at export.
         self.calibrated_reference: ReferenceProfile | None = None
-        # The stat (mtime_ns, size, inode) of that file when read; None when there was none.
-        self.calibration_key: tuple[int, int, int] | None = None
+        # The stats (mtime_ns, size, inode; None: no such file) of the files read beside the
+        # model file when it was loaded (core.repository.side_files_key).
+        self.side_files_key: tuple[tuple[int, int, int] | None, ...] = ()
 
     @property
     def small(self) -> bool:

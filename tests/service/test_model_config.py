@@ -155,6 +155,25 @@ def test_a_bad_config_fails_its_model_only(tmp_path: Path) -> None:
     assert "good" in repository.available()
 
 
+def test_a_changed_config_is_followed_by_the_repository(tmp_path: Path) -> None:
+    # The poller's fingerprint sees a config.json written, changed or removed (the model's
+    # or the version's), and a sync loads the version again with it.
+    save_model(_foreign(), tmp_path / "m" / "1" / "model.onnx")
+    repository = ModelRepository(tmp_path)
+    repository.load_all()
+    assert repository.sync()["loaded"] == []
+    for config in (tmp_path / "m" / "config.json", tmp_path / "m" / "1" / "config.json"):
+        before = repository.fingerprint()
+        _write(config, {"labels": [f"{config.parent.name} {i}" for i in range(5)]})
+        assert repository.fingerprint() != before
+        assert repository.sync()["loaded"] == ["m/1"]
+        assert repository.get("m").labels[0] == f"{config.parent.name} 0"
+        assert repository.sync()["loaded"] == []  # nothing changed since: kept
+    (tmp_path / "m" / "1" / "config.json").unlink()
+    assert repository.sync()["loaded"] == ["m/1"]
+    assert repository.get("m").labels[0] == "m 0"  # the model folder's config again
+
+
 def test_config_over_embedded_metadata(config_repo: Path) -> None:
     repository = ModelRepository(config_repo, skip_broken=True)
     repository.load_all()
