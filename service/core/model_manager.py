@@ -68,6 +68,7 @@ from service.core.errors import (
     ServiceUnavailableError,
     UnprocessableError,
 )
+from service.core.files import fsync_dir
 from service.core.repository import (
     LATEST,
     MODEL_FILENAME,
@@ -77,7 +78,6 @@ from service.core.repository import (
     ModelState,
     canonical_version,
     file_key,
-    fsync_dir,
     repository_lock,
 )
 from service.core.validation import ChildValidator, ValidationLimits, ValidationRefused

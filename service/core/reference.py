@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +27,7 @@ from typing import Literal, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from service.core.files import write_atomically
 from service.metadata import LayerProfile, ReferenceProfile
 from service.runtime.loaded_model import RunResult
 
@@ -109,18 +108,9 @@ def read_reference(path: Path, sha256: str, layers: Sequence[_Layer]) -> Referen
 
 
 def write_reference(path: Path, data: ReferenceFile) -> None:
-    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, fsync,
-    ``os.replace`` (a poller or a loading worker sees the old file or the new, never half)."""
-    fd, aside = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(data.model_dump_json(indent=2) + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(aside, path)
-    except BaseException:
-        Path(aside).unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` atomically (a poller or a loading worker sees the old file
+    or the new, never half)."""
+    write_atomically(path, (data.model_dump_json(indent=2) + "\n").encode())
 
 
 def now_iso() -> str:

@@ -40,7 +40,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from service.core.files import write_atomically
 from service.core.monitor import DEFAULT_DRIFT_THRESHOLD, ActivationMonitor, monitor_for
 from service.core.reference import REFERENCE_FILENAME, ReferenceFileError, read_reference
 from service.model_config import (
@@ -136,15 +136,6 @@ def file_key(path: Path) -> FileKey | None:
     return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable (POSIX: fsync the directory)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @dataclass(frozen=True)
 class ModelState:
     """A model's run-time state, kept in ``<root>/<name>/state.json``.
@@ -198,18 +189,7 @@ def write_model_state(model_dir: Path, state: ModelState) -> None:
     """Write ``state`` atomically: a temporary file in the same folder, fsync, ``os.replace``,
     fsync of the folder. Hold ``repository_lock`` around the read-modify-write."""
     model_dir.mkdir(exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=model_dir)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(json.dumps(state.to_json()).encode() + b"\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, model_dir / STATE_FILENAME)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    fsync_dir(model_dir)
+    write_atomically(model_dir / STATE_FILENAME, json.dumps(state.to_json()).encode() + b"\n")
 
 
 @contextlib.contextmanager
