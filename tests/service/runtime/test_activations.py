@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from service.runtime.activations import find_activation_nodes
 from service.runtime.loaded_model import LoadedModel
 from tests.service.conftest import numpy_layer_stats, run_with_activations, save_model
 
-torch = pytest.importorskip("torch")
 nn = torch.nn
 
 CHANNELS = 8
