@@ -652,8 +652,12 @@ def monitor_factory(settings: ServiceSettings) -> Callable[[_Model], ActivationM
     )
 
 
-def _nan_if_none(value: float | None) -> float:
-    return math.nan if value is None else float(value)
+def _add_known(family: GaugeMetricFamily, labels: list[str], value: float | None) -> None:
+    """A sample for a value the monitor knows; none for an unknown one (a window without
+    samples, dead units before it is full, drift without a reference): an absent series
+    says "not measured" where a NaN would be averaged, summed and alerted on."""
+    if value is not None:
+        family.add_metric(labels, float(value))
 
 
 def collect_metrics(
@@ -665,19 +669,20 @@ def collect_metrics(
     ns = namespace
     inactive = GaugeMetricFamily(
         f"{ns}_activation_inactive_fraction",
-        "Rolling share of inactive activations over the monitor window.",
+        "Rolling share of inactive activations over the monitor window (no sample while it "
+        "is empty).",
         labels=("model", "layer"),
     )
     dead = GaugeMetricFamily(
         f"{ns}_activation_dead_units",
-        "Channels active in no sample of the monitor window (NaN until it holds "
+        "Channels active in no sample of the monitor window (no sample until it holds "
         "monitor_min_samples samples).",
         labels=("model", "layer"),
     )
     drift = GaugeMetricFamily(
         f"{ns}_activation_drift_score",
         "Distance of live per-channel activity from the reference profile (no sample for a "
-        "model without one: see monitor_has_reference).",
+        "model without one, see monitor_has_reference, nor while the window is empty).",
         labels=("model", "layer"),
     )
     has_reference = GaugeMetricFamily(
@@ -722,10 +727,9 @@ def collect_metrics(
         samples.add_metric([model, version], merged.total)
         for layer in snapshot["layers"]:
             name = layer["name"]
-            inactive.add_metric([model, name], _nan_if_none(layer["inactive_fraction"]))
-            dead.add_metric([model, name], _nan_if_none(layer["dead_units"]))
-            if snapshot["has_reference"]:  # else no sample: NaN would read as "unknown yet"
-                drift.add_metric([model, name], _nan_if_none(layer["drift"]))
+            _add_known(inactive, [model, name], layer["inactive_fraction"])
+            _add_known(dead, [model, name], layer["dead_units"])
+            _add_known(drift, [model, name], layer["drift"])  # None without a reference
             drifted.add_metric([model, name], 1.0 if layer["drifted"] else 0.0)
             columns = monitor._columns[name]
             counts = merged.total_active[columns].tolist()

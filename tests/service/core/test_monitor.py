@@ -3,6 +3,7 @@ enough samples, exact merge of several workers' stores, reset across them, Prome
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import threading
 import time
@@ -484,7 +485,11 @@ def test_prometheus_families_hold_the_merged_view_and_the_totals() -> None:
         clock=clock,
     )
     families = collect_metrics([monitor])
-    assert np.isnan(value(families, "relu_serve_activation_inactive_fraction", layer="a"))
+    # Nothing measured yet: no sample for what is unknown (never NaN), and an empty window.
+    unknown = ("inactive_fraction", "dead_units", "drift_score")
+    assert not [s for f in families for s in f.samples if s.name.endswith(unknown)]
+    assert not [s for f in families for s in f.samples if math.isnan(s.value)]
+    assert value(families, "relu_serve_monitor_window_samples", model="m") == 0
     monitor.update({"a": np.array([[0.5, 0.0]] * 2, np.float32), "b": np.ones((2, 1), np.float32)})
     clock.now += 20  # out of the window, still in the totals
     monitor.update({"a": np.array([[0.25, 0.0]] * 4, np.float32), "b": np.ones((4, 1), np.float32)})
