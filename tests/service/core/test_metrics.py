@@ -455,10 +455,8 @@ def test_activation_gauges_from_the_monitor(scraped: dict) -> None:
             is not None
         )
         # 3 samples, fewer than monitor_min_samples: dead units are not claimed (no sample)
-        assert (
-            sample_value(scraped, f"{NS}_activation_dead_units", model="tiny", layer=layer)
-            is None
-        )
+        dead = sample_value(scraped, f"{NS}_activation_dead_units", model="tiny", layer=layer)
+        assert dead is None
     assert sample_value(scraped, f"{NS}_monitor_window_samples", model="tiny") == 3
     assert sample_value(scraped, f"{NS}_monitor_samples_total", model="tiny", version="2") == 3
     for layer in TINY_LAYERS:  # counters per channel of the monitored (default) version
