@@ -23,6 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from service.metadata import Preprocessing
+from service.settings import BatchingOverride
 
 CONFIG_FILENAME = "config.json"
 
@@ -52,15 +53,6 @@ class PreprocessingConfig(BaseModel):
     scale: float | None = Field(default=None, gt=0.0)
 
 
-class BatchingConfig(BaseModel):
-    """The model's dynamic batching limits, where the settings' ``model_batching`` is silent."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_size: int | None = Field(default=None, ge=1)
-    max_delay_ms: float | None = Field(default=None, ge=0.0, le=10_000.0)
-
-
 class ModelConfig(BaseModel):
     """One ``config.json``. ``labels``: a list, or the path of a text file (one label per line,
     relative to the folder of the config.json naming it); after ``read_model_config`` always
@@ -71,7 +63,7 @@ class ModelConfig(BaseModel):
     labels: list[str] | str | None = None
     preprocessing: PreprocessingConfig | None = None
     observe: list[str] | None = None  # activation layers observed: names, kinds or ONNX ops
-    batching: BatchingConfig | None = None
+    batching: BatchingOverride | None = None  # where the settings' model_batching is silent
     providers: list[str] | None = None  # where the settings' model_providers is silent
 
     @field_validator("labels")

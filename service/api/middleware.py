@@ -57,24 +57,24 @@ class BodyLimitMiddleware:
         if length.isdigit() and int(length) > limit[0]:
             await self._refuse(self._error(length.decode(), limit), scope, receive, send)
             return
-        budget = self.budget if limit[1] == "max_body_bytes" else None
-        held = 0  # bytes of the budget this body holds: all it may be, before it is read
+        # Bytes of the budget this body holds: all it may be, taken before it is read.
+        held = 0
+        if length.isdigit():
+            held = int(length)
+        elif any(k == b"transfer-encoding" for k, _ in scope["headers"]):
+            held = limit[0]  # chunked: as much as the limit lets through
+        budget = self.budget if held and limit[1] == "max_body_bytes" else None
         if budget is not None:
-            if length.isdigit():
-                held = int(length)
-            elif any(k == b"transfer-encoding" for k, _ in scope["headers"]):
-                held = limit[0]  # chunked: as much as the limit lets through
-        if held:
             try:
-                await budget.take(held, "the request body")  # type: ignore[union-attr]
+                await budget.take(held, "the request body")
             except ServiceError as exc:
                 await self._refuse(exc, scope, receive, send)
                 return
         try:
             await self._receive_within(limit, length, scope, receive, send)
         finally:
-            if held:
-                budget.give(held)  # type: ignore[union-attr]
+            if budget is not None:
+                budget.give(held)
 
     async def _refuse(self, exc: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(
